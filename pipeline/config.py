@@ -1,0 +1,467 @@
+"""One typed configuration tree.
+
+Defaults live in the dataclasses below; a YAML preset from ``configs/`` is merged over them, then dotted
+command-line overrides (``optim.lr=1e-3``). Unknown keys and ill-typed values are errors that name the valid
+keys. The resolved tree is written into the run directory, so a run can be reproduced from it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: unknown key, wrong type or invalid value."""
+
+
+def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Name of the run; the run directory is ``output_dir/name``."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 0
+    """Seed for model init, data order and augmentation (each combined with rank/epoch/sample as needed)."""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Folder written by ``pipeline shards write`` (holds manifest.json and the tar shards)."""
+    eval_train_shards: str = ""
+    """Labelled shards the kNN index and linear probe are fitted on (empty: skip eval)."""
+    eval_test_shards: str = ""
+    """Labelled shards the kNN and linear probe are scored on."""
+    image_key: str = "auto"
+    """Sample field holding the encoded image; ``auto`` takes the manifest's image key."""
+    label_key: str = "cls"
+    """Sample field holding the integer class label (optional for pretraining)."""
+    text_key: str = "txt"
+    """Sample field holding the caption (image+text methods)."""
+    verify: str = "size"
+    """Check shards against the manifest before reading: ``none``, ``size`` (cheap, catches truncation) or
+    ``sha256`` (reads every byte)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.verify", self.verify, ("none", "size", "sha256"))
+
+
+@dataclass
+class LoaderConfig:
+    backend: str = "torch"
+    """``torch`` (webdataset + torchvision), ``dali`` (DALI, GPU or CPU) or ``synthetic`` (random tensors)."""
+    batch_size: int = 64
+    """Samples per process per micro-step (the global batch is batch_size x world size)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (torch backend); DALI threads for the dali backend."""
+    shuffle_buffer: int = 2000
+    """Samples held in the in-worker shuffle buffer (after the epoch-seeded shard-order shuffle)."""
+    prefetch_factor: int = 2
+    """Batches prepared ahead per worker."""
+    device: str = "auto"
+    """Where batches land: ``auto`` (the trainer's device), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loader.backend", self.backend, ("torch", "dali", "synthetic"))
+        if self.batch_size < 1:
+            raise ConfigError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"loader.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class AugmentConfig:
+    recipe: str = "simclr"
+    """Augmentation recipe by name (see ``pipeline.data.recipes.RECIPES``)."""
+    image_size: int = 224
+    """Side of the (global) views fed to the model."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of random resized crops of the global views."""
+    jitter_strength: float = 1.0
+    """Colour jitter strength s: brightness/contrast/saturation 0.8s, hue 0.2s (SimCLR)."""
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    """Gaussian blur probability (per view for symmetric recipes)."""
+    solarize_prob: float = 0.0
+    local_crops: int = 0
+    """Number of small local crops (DINO multi-crop)."""
+    local_crop_size: int = 96
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch16_224"
+    """timm model name; built with ``pretrained=False``."""
+    img_size: int = 224
+    patch_size: Optional[int] = None
+    """Override the patch size of the timm preset (None keeps it)."""
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    """Activation checkpointing of the transformer blocks (applied by the engine)."""
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model`` (also written next to exported weights)."""
+        kwargs: dict[str, Any] = {"img_size": self.img_size, "num_classes": 0}
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, key) is not None:
+                kwargs[key] = getattr(self, key)
+        if self.drop_path_rate:
+            kwargs["drop_path_rate"] = self.drop_path_rate
+        return kwargs
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.1
+    local_loss: bool = False
+    """Each rank scores only its own rows against all gathered keys (O(B x WB) instead of O(WB x WB))."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    """Self-supervised method by name (see ``pipeline.methods.METHODS``)."""
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"
+    """``ddp``, ``fsdp`` (FSDP2 fully_shard) or ``deepspeed`` (ZeRO)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    precision: str = "auto"
+    """``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 where the device supports it, else fp32)."""
+    backend: str = "auto"
+    """Process-group backend: ``auto`` (nccl on GPUs, gloo on CPU), ``nccl`` or ``gloo``."""
+    compile: bool = False
+    """``torch.compile`` the encoder blocks (GPU)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("engine.name", self.name, ("ddp", "fsdp", "deepspeed"))
+        _check_choice("engine.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("engine.backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (after warm-up)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay; never applied to biases, norms, position embeddings or tokens."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    clip_grad_norm: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+
+    def __post_init__(self) -> None:
+        if self.accumulation_steps < 1:
+            raise ConfigError(f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Total optimizer steps."""
+    nan_policy: str = "error"
+    """On a non-finite loss: ``error`` (stop with the step; checked on log and checkpoint steps, so no host
+    sync per step) or ``skip`` (drop that step's update; checks every step, costing one host sync)."""
+    threads: int = 0
+    """torch intra-op threads per process on CPU (0: cores / local processes)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.nan_policy", self.nan_policy, ("error", "skip"))
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save a checkpoint every N optimizer steps (and always at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
+    resume: str = "auto"
+    """``auto``: resume from ``latest`` if the run directory has one; ``true``: require one; ``false``: start
+    fresh (refuses to overwrite a run directory with checkpoints)."""
+
+    def __post_init__(self) -> None:
+        self.resume = str(self.resume).lower()
+        _check_choice("checkpoint.resume", self.resume, ("auto", "true", "false"))
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    """Log (and check the loss for NaN) every N optimizer steps."""
+    tensorboard: bool = True
+    progress: bool = True
+    """Progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True
+    """Run kNN + linear probe after training when eval shards are given."""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    probe_max_iter: int = 1000
+    max_train_samples: int = 0
+    """Cap on samples used to fit kNN/probe (0: all)."""
+    batch_size: int = 256
+    baselines: bool = True
+    """Also score a randomly initialised encoder and raw pixels with the same protocol."""
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 0
+    """Memory per node in GiB (0: the partition's default)."""
+    timeout_min: int = 60
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclusive: bool = False
+    job_name: str = ""
+    max_num_timeout: int = 3
+    """How many times a job that hits its time limit is requeued."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which Slurm signals the job to checkpoint."""
+    folder: str = ""
+    """submitit folder for scripts and logs (default: run_dir/slurm)."""
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    """Extra sbatch options, e.g. {"reservation": "foo"}."""
+
+
+@dataclass
+class RayConfig:
+    address: str = ""
+    """Address of an existing Ray cluster (empty: start a local one)."""
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    max_failures: int = 0
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    """``local`` (N processes here), ``slurm`` (submitit) or ``ray`` (Ray Train)."""
+    nprocs: int = 1
+    """Processes on this machine for the local launcher."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("launcher.name", self.name, ("local", "slurm", "ray"))
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} is a section ({', '.join(_field_names(tp))}), got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where} must have {len(args)} items, got {list(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!r}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "augment.crop_scale=[0.2,1]"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _from_dict(Config, data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML preset <- dotted overrides, validated into a :class:`Config`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    def convert(obj: Any) -> Any:
+        if isinstance(obj, tuple):
+            return [convert(o) for o in obj]
+        if isinstance(obj, list):
+            return [convert(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: convert(v) for k, v in obj.items()}
+        return obj
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
