@@ -417,7 +417,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        key = key.strip()
+        section = next((f for f in dataclasses.fields(Config) if f.name == key), None)
+        if section is not None and "name" in _field_names(section.default_factory):
+            key += ".name"  # `method=byol` is short for `method.name=byol`
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
     return tree
 
 
