@@ -388,3 +388,17 @@ def find_undecodable(index: list[ShardIndex], exts: list[str], limit: int = 10) 
                         if len(bad) >= limit:
                             return bad
     return bad
+
+
+def render_arrays(view: ViewSpec, images: list[np.ndarray], seed: int = 0, num_threads: int = 1) -> np.ndarray:
+    """Render ``view`` on HWC uint8 arrays on DALI's CPU backend (recipe checks and debugging): N x C x H x W."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        return render_dali(view, fn.external_source(source=lambda: images, batch=True, layout="HWC"))
+
+    pipe = graph(batch_size=len(images), num_threads=num_threads, device_id=None, seed=seed)
+    pipe.build()
+    (out,) = pipe.run()
+    return np.stack([np.array(out[i]) for i in range(len(images))])
