@@ -12,14 +12,14 @@ from pipeline.config import AugmentConfig
 from pipeline.data.recipes import RECIPES, ViewSpec, build_recipe, render_torchvision
 
 pytest.importorskip("nvidia.dali")
-from pipeline.data.dali_loader import render_arrays  # noqa: E402
+from pipeline.data.dali_loader import render_arrays
 
 N = 240  # samples per measurement: rates within ~0.1, means within a few %
 CFG = AugmentConfig(image_size=32, local_crops=2, local_crop_size=16)
-PLAIN = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0,
-             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+PLAIN = {"jitter_prob": 0.0, "grayscale_prob": 0.0, "blur_prob": 0.0, "solarize_prob": 0.0,
+         "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
-NO_JITTER = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
 
 
 def render(backend: str, view: ViewSpec, image: np.ndarray, n: int = N) -> np.ndarray:

@@ -203,7 +203,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
 
         ld = self.loader
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader yields round-robin from worker 0; batch i of the epoch belongs to worker i % workers. A run
+        # resumed after `skip_batches` must first yield batch skip_batches, so worker slots are rotated.
+        worker = (slot + self.skip_batches) % workers
         steps, b = ld.steps_per_epoch, ld.batch_size
         rank_start, _ = rank_range(steps, b, ld.env.rank)
         before = sum(worker_batches(steps, workers, w) for w in range(worker)) * b
