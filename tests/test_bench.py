@@ -4,6 +4,7 @@ run of every mode that writes the JSON and the plot. Timings are never asserted.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def test_peak_flops_table():
 
 
 def _profile(**kw) -> S.StepProfile:
-    base = dict(compute_time_s=0.1, forward_fraction=1 / 3, step_flops=1e13, num_params=1000, batch_size=8,
-                feature_tensors=2, feature_dim=16)
+    base = {"compute_time_s": 0.1, "forward_fraction": 1 / 3, "step_flops": 1e13, "num_params": 1000,
+            "batch_size": 8, "feature_tensors": 2, "feature_dim": 16}
     return S.StepProfile(**{**base, **kw})
 
 
@@ -117,7 +118,7 @@ def test_prediction_single_gpu_and_monotone():
     rows = S.predict_table(p, [("ddp", 0, False), ("ddp", 0, True)], [1, 2, 4, 8], ic, overlap=0.0)
     for local in (False, True):
         eff = [r["scaling_efficiency"] for r in rows if r["local_loss"] == local]
-        assert eff[0] == 1.0 and all(a >= b for a, b in zip(eff, eff[1:]))
+        assert eff[0] == 1.0 and all(a >= b for a, b in itertools.pairwise(eff))
     # the full NT-Xent loss grows with the global batch squared, the local loss only linearly
     full = [r for r in rows if not r["local_loss"]][-1]
     local = [r for r in rows if r["local_loss"]][-1]

@@ -95,7 +95,7 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         info["git_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
+                                            text=True, timeout=5, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
@@ -128,7 +128,7 @@ def _rank_entry(rank: int, world: int, port: int, fn: Callable, args: tuple, que
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
         queue.put((rank, "ok", run_in_process(fn, *args)))
-    except BaseException:  # report to the parent instead of leaving it waiting
+    except BaseException:  # noqa: BLE001 - report to the parent instead of leaving it waiting
         queue.put((rank, "error", traceback.format_exc()))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import statistics
 import time
 from typing import Any
@@ -95,7 +96,7 @@ def time_steps(cfg: Config, env: DistEnv, device: torch.device, warmup: int, ste
             bar.update(1)
     sync(device)
     marks.append(time.perf_counter())
-    per_step = [(b - a) / n for a, b, n in zip(marks, marks[1:], _window_sizes(sorted(bounds)))]
+    per_step = [(b - a) / n for (a, b), n in zip(itertools.pairwise(marks), _window_sizes(sorted(bounds)), strict=True)]
     per_step = _max_over_ranks(per_step, device)
     timed = marks[-1] - marks[0]
     out = {"window_step_time_s": per_step, "data_wait_fraction": wait / timed if timed > 0 else 0.0,
@@ -111,7 +112,7 @@ def time_steps(cfg: Config, env: DistEnv, device: torch.device, warmup: int, ste
 
 
 def _window_sizes(bounds: list[int]) -> list[int]:
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def summarize_point(cfg: Config, env: DistEnv, device: torch.device, timing: dict[str, Any],

@@ -90,8 +90,8 @@ def write_mode(out_dir: Path, mode: str, payload: dict[str, Any], tables: dict[s
     (out_dir / f"{mode}.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     env = payload.get("environment", {})
     body = [f"## `{mode}`", "", "```", payload["command"], "```", "",
-            f"{env.get('date', '')} on {env.get('hardware', '?')}, {env.get('world_size', 1)} process(es), "
-            f"torch {env.get('torch', '?')}, commit {str(env.get('git_commit') or '?')[:10]}.", ""]
+            (f"{env.get('date', '')} on {env.get('hardware', '?')}, {env.get('world_size', 1)} process(es), "
+             f"torch {env.get('torch', '?')}, commit {str(env.get('git_commit') or '?')[:10]}."), ""]
     if notes:
         body += [notes, ""]
     for title, table in tables.items():
