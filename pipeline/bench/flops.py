@@ -59,7 +59,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None, n: int =
     """Achievable matmul FLOP/s of this device (one process, its current thread count), for ``--measure-peak``:
     a square matmul repeated for about ``seconds``, best of three rounds."""
     dt = dtype or torch.float32
-    n = n or (8192 if device.type == "cuda" else 1024)
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dt)
     b = torch.randn(n, n, device=device, dtype=dt)
 
