@@ -158,7 +158,7 @@ def _run(tmp_path: Path, *argv: str) -> dict:
 
 def test_bench_model_sweep(tmp_path):
     p = _run(tmp_path, "model", "--batch-sizes", "2,4", "--image-sizes", "32", "--warmup", "1", "--steps", "2",
-             "--measure-peak", *TINY)
+             "--repeats", "2", "--measure-peak", *TINY)
     rows = p["results"]
     assert [(r["batch_size"], r["image_size"]) for r in rows] == [(2, 32), (4, 32)]
     for r in rows:
@@ -166,6 +166,7 @@ def test_bench_model_sweep(tmp_path):
                     "data_wait_fraction", "flops_per_image"):
             assert r[key] is not None and r[key] >= 0, key
         assert r["peak_source"].startswith("measured")
+        assert r["repeats"] == 2 and len(r["window_step_time_s"]) == 4
     assert (tmp_path / "results" / "model_throughput.png").stat().st_size > 0
 
 

@@ -147,8 +147,12 @@ def summarize_point(cfg: Config, env: DistEnv, device: torch.device, timing: dic
 
 def bench_model_rank(cfg: Config, env: DistEnv, device: torch.device, batch_sizes: list[int],
                      image_sizes: list[int], warmup: int, steps: int, peak_tflops: float = 0.0,
-                     measure_peak: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """The sweep on one rank (every rank runs it; rows are identical up to rank-local memory)."""
+                     measure_peak: bool = False, progress: bool = True, repeats: int = 1) -> list[dict[str, Any]]:
+    """The sweep on one rank (every rank runs it; rows are identical up to rank-local memory).
+
+    ``repeats`` > 1 runs the whole sweep again, in reverse order every other time, so a slow spell of a shared
+    machine spreads over points instead of landing on one; a point's step time is the median of its windows
+    over all repeats, and min/max their spread."""
     from tqdm import tqdm
 
     cfg = copy.deepcopy(cfg)
@@ -156,21 +160,39 @@ def bench_model_rank(cfg: Config, env: DistEnv, device: torch.device, batch_size
     dtype = resolve_precision(cfg, device)
     peak, peak_source = resolve_peak(device, dtype, peak_tflops, measure_peak)
     points = [(b, s) for s in image_sizes for b in batch_sizes]
+    timings: dict[tuple[int, int], dict[str, Any] | None] = {}
+    with tqdm(total=repeats * len(points) * (warmup + steps), disable=not (env.is_main and progress),
+              desc="bench model", unit="step", dynamic_ncols=True) as bar:
+        for r in range(repeats):
+            for b, s in points if r % 2 == 0 else points[::-1]:
+                if (b, s) in timings and timings[(b, s)] is None:  # out of memory before
+                    bar.update(warmup + steps)
+                    continue
+                bar.set_postfix(repeat=r, batch=b, image=s, refresh=True)
+                try:
+                    t = time_steps(point_config(cfg, b, s), env, device, warmup, steps, bar=bar)
+                except torch.OutOfMemoryError:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    timings[(b, s)] = None
+                    continue
+                if (b, s) in timings:
+                    prev = timings[(b, s)]
+                    t["window_step_time_s"] = prev["window_step_time_s"] + t["window_step_time_s"]
+                    t["data_wait_fraction"] = (prev["data_wait_fraction"] * r + t["data_wait_fraction"]) / (r + 1)
+                    for key in ("peak_memory_gib", "peak_memory_reserved_gib"):
+                        if key in t and t[key] is not None and prev.get(key) is not None:
+                            t[key] = max(t[key], prev[key])
+                timings[(b, s)] = t
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(points) * (warmup + steps), disable=not (env.is_main and progress), desc="bench model",
-              unit="step", dynamic_ncols=True) as bar:
-        for b, s in points:
-            pcfg = point_config(cfg, b, s)
-            bar.set_postfix(batch=b, image=s, refresh=True)
-            flops = count_step_flops(pcfg)
-            try:
-                timing = time_steps(pcfg, env, device, warmup, steps, bar=bar)
-            except torch.OutOfMemoryError:
-                gc.collect()
-                torch.cuda.empty_cache()
-                rows.append({"batch_size": b, "image_size": s, "error": "out of memory"})
-                continue
-            rows.append(summarize_point(pcfg, env, device, timing, flops, peak, peak_source))
+    for b, s in points:
+        t = timings.get((b, s))
+        if t is None:
+            rows.append({"batch_size": b, "image_size": s, "error": "out of memory"})
+            continue
+        pcfg = point_config(cfg, b, s)
+        rows.append({**summarize_point(pcfg, env, device, t, count_step_flops(pcfg), peak, peak_source),
+                     "repeats": repeats})
     if measure_peak and not peak_tflops:
         # a shared machine's speed drifts: measure again after the sweep and keep the better of the two peaks
         again, _ = resolve_peak(device, dtype, 0.0, True)
