@@ -96,6 +96,9 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         info["git_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
                                             text=True, timeout=5, check=False).stdout.strip() or None
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5, check=False).stdout
+        info["git_dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
