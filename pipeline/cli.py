@@ -125,12 +125,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    return importlib.import_module(f"pipeline.bench.{args.bench_cmd}").main(args.bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,20 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", help="output folder (default: RUN_DIR/export)")
     x.set_defaults(fn=cmd_export)
 
-    bench = sub.add_parser("bench", help="benchmarks; `pipeline bench MODE -h` lists a mode's options")
-    bench_sub = bench.add_subparsers(dest="bench_cmd", required=True)
-    lo = bench_sub.add_parser("loader", help="images/sec of the DALI and torch loaders on real JPEGs", add_help=False)
-    lo.set_defaults(fn=cmd_bench)
+    from pipeline.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_args = rest  # each bench mode parses its own options
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except ConfigError as exc:
