@@ -176,6 +176,9 @@ class EngineConfig:
     """DeepSpeed ZeRO-Offload: ``none``, ``optimizer`` (optimizer state and step on the CPU) or ``params``
     (optimizer and, with ZeRO-3, the parameters too). FSDP2: anything but ``none`` offloads parameters,
     gradients and optimizer state to the CPU (``CPUOffloadPolicy``). GPU runs only."""
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config entries merged (recursively) over the one generated from this tree, for knobs the
+    tree does not name, e.g. ``{zero_optimization: {stage3_param_persistence_threshold: 0}}``."""
 
     def __post_init__(self) -> None:
         _check_choice("engine.name", self.name, ("ddp", "fsdp", "deepspeed"))

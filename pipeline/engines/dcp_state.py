@@ -46,5 +46,5 @@ class DCPStateEngine(Engine):
     @classmethod
     def read_model_state(cls, path: Path, method: Method) -> dict[str, torch.Tensor]:
         state = {"model": method.state_dict()}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=True)  # this process alone, group or not
         return state["model"]

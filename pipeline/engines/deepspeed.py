@@ -64,7 +64,14 @@ def ds_config(cfg, world_size: int, bf16: bool) -> dict[str, Any]:
     }
     if bf16:
         config["communication_data_type"] = "bf16" if e.reduce_dtype == "bf16" else "fp32"
-    return config
+    return _merge(config, e.ds_config)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _init_single_process_group(device: torch.device) -> None:
@@ -75,6 +82,21 @@ def _init_single_process_group(device: torch.device) -> None:
         port = sock.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
+
+
+def _forget_stale_groups() -> None:
+    """DeepSpeed caches the process groups it derives from the world group in module globals. When a process
+    trains twice (tests, notebooks, Ray workers) and the first group was destroyed with torch's
+    ``destroy_process_group``, the cache points at a dead group: drop it so DeepSpeed derives fresh ones."""
+    from deepspeed.utils import groups
+
+    cached = groups._WORLD_GROUP
+    if cached is None:
+        return
+    try:
+        dist.get_process_group_ranks(cached)
+    except (KeyError, ValueError, RuntimeError):
+        groups._release_process_group_references(group=None)
 
 
 class DeepSpeedEngine(Engine):
@@ -94,6 +116,7 @@ class DeepSpeedEngine(Engine):
             # One process: DeepSpeed still wants a process group. train() destroys it at the end, as it does
             # any group that did not exist when it started.
             _init_single_process_group(self.device)
+        _forget_stale_groups()
         method.to(self.device)
         if self.cfg.model.grad_checkpointing and hasattr(method.encoder, "set_grad_checkpointing"):
             method.encoder.set_grad_checkpointing(True)
@@ -163,8 +186,17 @@ class DeepSpeedEngine(Engine):
         _import_deepspeed("cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+        sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG))
         expected = method.state_dict()
+        missing = set(expected) - set(sd)
+        module_file = path / TAG / "mp_rank_00_model_states.pt"
+        if missing and module_file.is_file():
+            # ZeRO-1 records no frozen parameters for zero_to_fp32 (ZeRO-2/3 do), but being unpartitioned they
+            # are whole in the module state rank 0 saved.
+            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            for k in missing & set(module):
+                if module[k].shape == expected[k].shape:
+                    sd[k] = module[k]
         missing = sorted(set(expected) - set(sd))
         if missing:
             raise KeyError(f"{path}: the consolidated DeepSpeed state lacks {missing[:5]} ({len(missing)} in all)")
