@@ -166,13 +166,30 @@ class EngineConfig:
     """Process-group backend: ``auto`` (nccl on GPUs, gloo on CPU), ``nccl`` or ``gloo``."""
     compile: bool = False
     """``torch.compile`` the encoder blocks (GPU)."""
+    reduce_dtype: str = "fp32"
+    """Dtype gradients are reduced in under bf16 (``fp32`` or ``bf16``): FSDP2's ``MixedPrecisionPolicy``
+    ``reduce_dtype``, DeepSpeed's ``communication_data_type``. Ignored in fp32 runs."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered parameters after its forward and gather again for backward (ZeRO-3
+    memory); false keeps them until backward (ZeRO-2-like: more memory, one all-gather less per block)."""
+    offload: str = "none"
+    """DeepSpeed ZeRO-Offload: ``none``, ``optimizer`` (optimizer state and step on the CPU) or ``params``
+    (optimizer and, with ZeRO-3, the parameters too). FSDP2: anything but ``none`` offloads parameters,
+    gradients and optimizer state to the CPU (``CPUOffloadPolicy``). GPU runs only."""
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config entries merged (recursively) over the one generated from this tree, for knobs the
+    tree does not name, e.g. ``{zero_optimization: {stage3_param_persistence_threshold: 0}}``."""
 
     def __post_init__(self) -> None:
         _check_choice("engine.name", self.name, ("ddp", "fsdp", "deepspeed"))
         _check_choice("engine.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("engine.backend", self.backend, ("auto", "nccl", "gloo"))
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check_choice("engine.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        _check_choice("engine.offload", self.offload, ("none", "optimizer", "params"))
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"engine.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.offload == "params" and self.name == "deepspeed" and self.zero_stage != 3:
+            raise ConfigError("engine.offload=params needs engine.zero_stage=3 (only ZeRO-3 partitions parameters)")
 
 
 @dataclass

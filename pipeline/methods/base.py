@@ -46,3 +46,15 @@ class Method(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """Transformer blocks of every trainable network: the units engines shard and checkpoint."""
         return list(getattr(self.encoder, "blocks", []))
+
+    def teacher_blocks(self) -> list[nn.Module]:
+        """Transformer blocks of the networks updated without gradients (EMA teachers), which methods that have
+        one override. Sharding engines shard them exactly like the student's blocks (FSDP2: one unit per block;
+        ZeRO-3 partitions every parameter alike), so each rank holds the same slice of a teacher parameter as of
+        the student parameter it tracks and the EMA update (``pipeline.models.ema_update``) is a local lerp of
+        shards, with no communication. DDP and ZeRO-1/2 replicate teachers on every rank."""
+        return []
+
+    def shard_units(self) -> list[nn.Module]:
+        """Every module an engine wraps as its own sharding unit (FSDP2 ``fully_shard``), students first."""
+        return self.blocks() + self.teacher_blocks()
