@@ -20,6 +20,7 @@ import torch
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, save_config
 from pipeline.data.loader import build_loader
+from pipeline.data.recipes import build_recipe
 from pipeline.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -131,7 +132,7 @@ class Trainer:
         engine = build_engine(cfg, env, device)
         engine.setup(method, total)
         seed_everything(cfg.run.seed + 1000 * env.rank + 1)  # per-rank streams (masking, etc.)
-        loader = build_loader(cfg, env, device)
+        loader = build_loader(cfg, env, device, recipe=build_recipe(cfg.augment, method_recipe=method.recipe))
 
         step = 0
         if resume_from is not None:
