@@ -168,6 +168,14 @@ class Trainer:
             results = evaluate(cfg, encoder, env, device)
             if results:
                 summary.update(results)
+            if hasattr(method, "zero_shot_classifier"):  # image-text methods: prompt the text tower too
+                from pipeline.evaluation import zero_shot_accuracy
+
+                was_training = method.training
+                zero_shot = zero_shot_accuracy(cfg, method.eval(), cfg.data.eval_test_shards, env, device)
+                method.train(was_training)
+                if env.is_main:
+                    summary["zero_shot"] = zero_shot
         if env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         barrier()
