@@ -30,6 +30,14 @@ from pipeline.data.shards import ShardError, ShardSet, open_shards
 from pipeline.distributed import DistEnv
 
 
+def default_recipe(cfg: Config) -> Recipe:
+    """``augment.recipe``, where ``auto`` means the recipe of the method named by ``method.name``."""
+    from pipeline.methods import METHODS  # imported late: methods import this module
+
+    method = METHODS.get(cfg.method.name)
+    return build_recipe(cfg.augment, method_recipe=method.recipe if method else None)
+
+
 @dataclass
 class Batch:
     """What a method consumes: ``views`` are B x C x H x W tensors on the device, one per recipe view."""
@@ -239,7 +247,7 @@ class TorchLoader:
                  recipe: Recipe | None = None, shuffle: bool = True) -> None:
         self.env, self.device = env, device
         self.shards = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
-        self.recipe = recipe or build_recipe(cfg.augment)
+        self.recipe = recipe or default_recipe(cfg)
         image_key = self.shards.image_key if cfg.data.image_key == "auto" else cfg.data.image_key
         if image_key not in self.shards.manifest.get("fields", [image_key]):
             raise ShardError(f"shards in {self.shards.root} have no {image_key!r} field "
@@ -280,7 +288,7 @@ class SyntheticLoader:
     """Random batches generated on the device: measures the model without the data path."""
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None) -> None:
-        self.recipe = recipe or build_recipe(cfg.augment)
+        self.recipe = recipe or default_recipe(cfg)
         self.batch_size, self.device = cfg.loader.batch_size, device
         self.steps_per_epoch = 1_000_000
         self.epoch, self.batch = 0, 0

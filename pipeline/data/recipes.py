@@ -116,8 +116,13 @@ RECIPES: dict[str, Callable[[AugmentConfig], Recipe]] = {
 }
 
 
-def build_recipe(cfg: AugmentConfig, name: str | None = None) -> Recipe:
+def build_recipe(cfg: AugmentConfig, name: str | None = None, method_recipe: str | None = None) -> Recipe:
+    """The recipe ``name`` (default ``cfg.recipe``); ``auto`` resolves to ``method_recipe``, the method's own."""
     name = name or cfg.recipe
+    if name == "auto":
+        if method_recipe is None:
+            raise KeyError("augment.recipe=auto needs the method's recipe (Method.recipe); pass method_recipe")
+        name = method_recipe
     if name not in RECIPES:
         raise KeyError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
     return RECIPES[name](cfg)
