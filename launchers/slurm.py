@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,8 +27,8 @@ from pipeline.config import Config, config_from_dict, config_to_dict
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _TERMINAL_STATES = {
-    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-    "TIMEOUT", "SPECIAL_EXIT",
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "SPECIAL_EXIT",
+    "TIMEOUT",
 }  # fmt: skip
 
 
@@ -44,7 +45,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         # (submitit would otherwise narrow it to str(local_rank), wrong when Slurm hands out e.g. GPUs 4-7).
         # overwrite: a job submitted from inside another distributed job must not inherit its RANK/MASTER_*.
         dist_env.export(set_cuda_visible_devices=False, overwrite=True)
-        _ignore_requeue_signal_in_children()
+        os.environ["PIPELINE_LAUNCHER"] = "slurm"  # lets read_dist_env() name its source
+        signals = _SlurmSignals.install()
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(
             f"[slurm] job {os.environ.get('SLURM_JOB_ID')} restart {restarts} rank {dist_env.rank}/"
@@ -54,7 +56,24 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
         from pipeline.trainer import train  # imported here: the submitting process needs no torch/timm
 
-        return train(config_from_dict(self.config))
+        try:
+            return train(config_from_dict(self.config))
+        except Exception as exc:
+            # UncompletedJobError: submitit's own "not requeued (timed out too many times)", to be recorded
+            if signals.received is None or isinstance(exc, submitit.core.utils.UncompletedJobError):
+                raise
+            # Slurm is taking the job down (requeue, preemption, time limit, scancel): the error is the fallout
+            # (a DataLoader worker killed by SIGTERM, a peer rank gone), not a training failure. Exit without
+            # letting submitit record it as the job's result: the requeued job will write the real one.
+            traceback.print_exc()
+            print(
+                f"[slurm] rank {dist_env.rank}: training interrupted after {signals.received.name}; "
+                "exiting so that the job can be requeued (or cancelled) cleanly",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            os._exit(128 + signals.received.value)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when Slurm signals a timeout or preemption: requeue this same job.
@@ -65,23 +84,35 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def _ignore_requeue_signal_in_children() -> None:
-    """Make submitit's timeout/preemption handler act only in the task process, not in its forked children.
+class _SlurmSignals:
+    """Wraps the handlers submitit installed for Slurm's signals (USR2: checkpoint and requeue; TERM: log).
 
-    Slurm signals every process of the step, DataLoader workers included, and forked workers inherit submitit's
-    handler: each would run ``checkpoint()`` and ``scontrol requeue`` again. Children now ignore the signal.
+    - They act only in the task process. Slurm signals every process of the step, DataLoader workers included,
+      and forked workers inherit submitit's handler: each would run ``checkpoint()`` and ``scontrol requeue``.
+    - The first signal received is remembered, so errors it causes can be told from real failures.
     """
-    usr_sig = submitit.JobEnvironment._usr_sig()
-    handler = signal.getsignal(usr_sig)
-    if not callable(handler):
-        return
-    owner = os.getpid()
 
-    def handle_in_owner(signum: int, frame: Any) -> None:
-        if os.getpid() == owner:
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.received: signal.Signals | None = None
+
+    @classmethod
+    def install(cls) -> _SlurmSignals:
+        watcher = cls()
+        for sig in (submitit.JobEnvironment._usr_sig(), signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                signal.signal(sig, watcher._wrap(handler))
+        return watcher
+
+    def _wrap(self, handler: Any) -> Any:
+        def handle_in_owner(signum: int, frame: Any) -> None:
+            if os.getpid() != self.owner:
+                return
+            self.received = self.received or signal.Signals(signum)
             handler(signum, frame)
 
-    signal.signal(usr_sig, handle_in_owner)
+        return handle_in_owner
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,6 +186,11 @@ def _job_config(cfg: Config) -> dict[str, Any]:
     return data
 
 
+def submit_slurm(cfg: Config) -> submitit.Job:
+    """Submit ``cfg`` as one Slurm job running :class:`TrainJob` on every task; returns submitit's handle."""
+    return make_executor(cfg).submit(TrainJob(_job_config(cfg)))
+
+
 def launch_slurm(cfg: Config, *, dry_run: bool = False, wait: bool = False) -> int:
     """Submit ``cfg`` as one Slurm job; print its id, log paths and how to watch or cancel it.
 
@@ -164,10 +200,10 @@ def launch_slurm(cfg: Config, *, dry_run: bool = False, wait: bool = False) -> i
     if dry_run:
         print(render_sbatch(cfg), end="")
         return 0
-    executor = make_executor(cfg)
-    job = executor.submit(TrainJob(_job_config(cfg)))
+    job = submit_slurm(cfg)
     rank0 = job.task(0) if job.num_tasks > 1 else job
-    print(f"Submitted Slurm job {job.job_id} ({cfg.launcher.slurm.nodes} node(s) x {cfg.launcher.slurm.tasks_per_node} task(s))")
+    s = cfg.launcher.slurm
+    print(f"Submitted Slurm job {job.job_id} ({s.nodes} node(s) x {s.tasks_per_node} task(s))")
     print(f"  run dir:   {Path(cfg.run.dir).absolute()}")
     print(f"  stdout:    {rank0.paths.stdout}  (rank r: {rank0.paths.folder}/{job.job_id}_<r>_log.out)")
     print(f"  stderr:    {rank0.paths.stderr}")
@@ -186,7 +222,9 @@ def launch_slurm(cfg: Config, *, dry_run: bool = False, wait: bool = False) -> i
 def _squeue_state(job_id: str) -> str | None:
     """Job state from squeue ("" once the job left the queue, None if squeue itself failed)."""
     try:
-        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:
@@ -231,15 +269,18 @@ def follow_job(job: submitit.Job, poll_s: float = 2.0, out: TextIO | None = None
     pos, state, ended_at = 0, "SUBMITTED", None
     while True:
         pos = _stream(log, pos, out)
-        outcomes = [_read_outcome(t) for t in tasks]
-        if all(outcomes):
-            break
         new_state = _squeue_state(job.job_id)
         if new_state is not None and new_state != state:
             out.write(f"[slurm] job {job.job_id}: {new_state or 'left the queue'}\n")
             out.flush()
             state = new_state
-        if state == "" or state in _TERMINAL_STATES:
+        outcomes = [_read_outcome(t) for t in tasks]
+        # A result pickle alone does not end the job: one left by an attempt that was then requeued is stale.
+        # Slurm's state decides; pickles are trusted alone only while squeue cannot be reached.
+        over = state == "" or state in _TERMINAL_STATES or (new_state is None and all(outcomes))
+        if over and all(outcomes):
+            break
+        if over:
             # result pickles are written just before the tasks exit; give a slow shared filesystem a moment
             ended_at = ended_at or time.monotonic()
             if time.monotonic() - ended_at > 30:

@@ -42,10 +42,10 @@ def ensure_slurm_installed() -> None:
         raise ClusterUnavailable("Slurm is not installed and apt-get is not available to install it")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", *_APT_PACKAGES]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:  # stale package lists: refresh once and retry
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0 or not shutil.which("slurmctld"):
         raise ClusterUnavailable(f"could not install Slurm with apt-get: {proc.stderr.strip()[-500:]}")
 
@@ -165,12 +165,11 @@ class SlurmCluster:
         script = 'mount --bind "$0" /etc/hosts && exec "$@"'
         cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(self.hosts), *argv]
         env = dict(self.env, SLURM_TEST_CLUSTER=str(self.root))
-        log = open(self.log_dir / f"{Path(argv[0]).name}-{len(self._daemons)}.stdio", "wb")
-        self._daemons.append(
-            subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)
-        )
-        log.close()
+        with open(self.log_dir / f"{Path(argv[0]).name}-{len(self._daemons)}.stdio", "wb") as log:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self._daemons.append(proc)
 
     def start(self, timeout: float = 60) -> None:
         self.write_config()
