@@ -234,6 +234,9 @@ class MetricsConfig:
     tensorboard: bool = True
     progress: bool = True
     """Progress bar on rank 0."""
+    sample_keys: bool = False
+    """Append the keys of every consumed batch to ``run_dir/sample_keys/rank{r}.txt`` (data audits: which
+    samples each rank trained on, and when)."""
 
 
 @dataclass
@@ -402,7 +405,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:

@@ -187,6 +187,10 @@ class Trainer:
         window_start = time.perf_counter()
         rates: list[float] = []
         last_saved = step if step else -1
+        keys_file = None
+        if cfg.metrics.sample_keys:
+            (self.run_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
+            keys_file = open(self.run_dir / "sample_keys" / f"rank{env.rank}.txt", "a", buffering=1)
         while step < total:
             for micro in range(accum):
                 t = time.perf_counter()
@@ -196,6 +200,8 @@ class Trainer:
                 loss_sum += loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 window_images += batch.size
+                if keys_file is not None and batch.keys is not None:
+                    keys_file.write(f"{loader.epoch} {step} {micro} {' '.join(batch.keys)}\n")
             n_loss += accum
             if skip_nonfinite:
                 norm = engine.step(skip_nonfinite=True)
@@ -242,6 +248,8 @@ class Trainer:
                 self.ckpt.save(step, engine, {"loader": loader.state_dict()})
                 last_saved = step
         bar.close()
+        if keys_file is not None:
+            keys_file.close()
         if last_saved != step:
             self.ckpt.save(step, engine, {"loader": loader.state_dict()})
         if rates:

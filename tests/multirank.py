@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -28,7 +29,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, i
     try:
         if init_pg:
             dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
-        queue.put((rank, "ok", fn(*args)))
+        queue.put((rank, "ok", pickle.dumps(fn(*args))))  # bytes: tensors must not travel as shared memory
     except BaseException:  # report to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -53,7 +54,7 @@ def run_ranks(fn: Callable, *args: Any, world_size: int = 2, init_pg: bool = Tru
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value) if status == "ok" else value
     finally:
         for p in procs:
             p.join(timeout=30)

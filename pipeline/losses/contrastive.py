@@ -18,7 +18,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, local_
     """
     rank, _ = world()
     b = z1.shape[0]
-    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    if z1.dtype in (torch.float16, torch.bfloat16):  # the softmax over 2N keys wants fp32
+        z1, z2 = z1.float(), z2.float()
+    z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
     k1, k2 = gather_features(z1), gather_features(z2)
     n = k1.shape[0]
     keys = torch.cat([k1, k2])  # 2N x D: all first views, then all second views
