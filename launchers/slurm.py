@@ -65,15 +65,19 @@ class TrainJob(submitit.helpers.Checkpointable):
             # Slurm is taking the job down (requeue, preemption, time limit, scancel): the error is the fallout
             # (a DataLoader worker killed by SIGTERM, a peer rank gone), not a training failure. Exit without
             # letting submitit record it as the job's result: the requeued job will write the real one.
-            traceback.print_exc()
-            print(
-                f"[slurm] rank {dist_env.rank}: training interrupted after {signals.received.name}; "
-                "exiting so that the job can be requeued (or cancelled) cleanly",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.stdout.flush()
-            os._exit(128 + signals.received.value)
+            try:
+                # torch's DataLoader SIGCHLD handler raises again for every dead worker, even in this block
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                traceback.print_exc()
+                print(
+                    f"[slurm] rank {dist_env.rank}: training interrupted after {signals.received.name}; "
+                    "exiting so that the job can be requeued (or cancelled) cleanly",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.stdout.flush()
+            finally:
+                os._exit(128 + signals.received.value)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when Slurm signals a timeout or preemption: requeue this same job.

@@ -279,3 +279,12 @@ def test_dry_run_script_passes_sbatch_test_only(slurm_cluster, tmp_path, capsys)
     proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
     assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""  # nothing was submitted
+
+
+@pytest.mark.slurm
+def test_wait_returns_nonzero_when_training_fails(fmnist_shards, slurm_cluster, tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "broken"
+    cfg = tiny_slurm_config(fmnist_shards, run_dir, **{"data.train_shards": str(tmp_path / "no-such-shards")})
+    assert launch_slurm(cfg, wait=True) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and "no-such-shards" in out, out  # the rank's traceback reaches the terminal
