@@ -407,9 +407,23 @@ class SlurmConfig:
     signal_delay_s: int = 120
     """Seconds before the time limit at which Slurm signals the job to checkpoint."""
     folder: str = ""
-    """submitit folder for scripts and logs (default: run_dir/slurm)."""
+    """submitit folder for scripts, pickles and logs; ``%j`` becomes the job id (default: run_dir/slurm/%j)."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     """Extra sbatch options, e.g. {"reservation": "foo"}."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the sbatch script before ``srun``, e.g. ["module load cuda/12.4"]."""
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"launcher.slurm.{key} must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_node < 0 or self.mem_gb < 0 or self.max_num_timeout < 0:
+            raise ConfigError("launcher.slurm.gpus_per_node, mem_gb and max_num_timeout must be >= 0")
+        if not 0 <= self.signal_delay_s < self.timeout_min * 60:
+            raise ConfigError(
+                f"launcher.slurm.signal_delay_s={self.signal_delay_s} must be >= 0 and shorter than the time limit "
+                f"({self.timeout_min} min): the job is signalled that many seconds before it is killed"
+            )
 
 
 @dataclass
