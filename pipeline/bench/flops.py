@@ -14,8 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config
-from pipeline.data.loader import Batch
-from pipeline.data.recipes import build_recipe
+from pipeline.data.loader import Batch, default_recipe
 
 # Dense (non-sparse) peak FLOP/s by datasheet, per device, per compute dtype. Matched against
 # ``torch.cuda.get_device_name()`` in order: the first key contained in the name wins, so specific names
@@ -93,7 +92,7 @@ def count_step_flops(cfg: Config) -> dict[str, float]:
     scaling model (``pipeline.bench.scaling``) adds analytically."""
     from pipeline.methods import build_method
 
-    recipe = build_recipe(cfg.augment)
+    recipe = default_recipe(cfg)
     b = cfg.loader.batch_size
     with torch.device("meta"):
         method = build_method(cfg)

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.loader import Batch, shard_order, steps_per_epoch
-from pipeline.data.recipes import Recipe, ViewSpec, build_recipe
+from pipeline.data.loader import Batch, default_recipe, shard_order, steps_per_epoch
+from pipeline.data.recipes import Recipe, ViewSpec
 from pipeline.data.shards import ShardError, ShardSet, open_shards, write_dali_index
 from pipeline.distributed import DistEnv
 
@@ -244,7 +244,7 @@ class DaliLoader:
                               "(or loader.backend=torch)") from exc
         self.env, self.device = env, device
         self.shards = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
-        self.recipe = recipe or build_recipe(cfg.augment)
+        self.recipe = recipe or default_recipe(cfg)
         fields = self.shards.manifest.get("fields", [])
         if cfg.data.image_key == "auto":
             self.image_exts = list(self.shards.manifest.get("image_keys") or [self.shards.image_key])
