@@ -234,6 +234,9 @@ class MetricsConfig:
     tensorboard: bool = True
     progress: bool = True
     """Progress bar on rank 0."""
+    sample_keys: bool = False
+    """Append the keys of every consumed batch to ``run_dir/sample_keys/rank{r}.txt`` (data audits: which
+    samples each rank trained on, and when)."""
 
 
 @dataclass
@@ -407,7 +410,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
@@ -436,7 +439,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        key = key.strip()
+        section = next((f for f in dataclasses.fields(Config) if f.name == key), None)
+        if section is not None and "name" in _field_names(section.default_factory):
+            key += ".name"  # `method=byol` is short for `method.name=byol`
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
     return tree
 
 

@@ -1,0 +1,115 @@
+"""The engine interface: the one place that wraps the model, runs backward and the optimizer step, and saves,
+loads and exports state. Method, loader and trainer are the same whichever engine is chosen."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.data.loader import Batch
+from pipeline.distributed import DistEnv
+from pipeline.methods.base import Method
+from pipeline.schedules import warmup_cosine
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None for fp32). ``auto`` is bf16 on GPUs that support it, fp32 elsewhere."""
+    p = cfg.engine.precision
+    if p == "fp32" or (p == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return None
+    return torch.bfloat16
+
+
+class Engine:
+    """Subclasses implement ``_wrap``, ``save``, ``load`` and ``read_model_state``; the rest is shared."""
+
+    name = "base"
+
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device) -> None:
+        self.cfg, self.env, self.device = cfg, env, device
+        self.dtype = resolve_precision(cfg, device)
+        self.method: Method | None = None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def setup(self, method: Method, total_steps: int) -> None:
+        self.method = method
+        self._wrap(method, total_steps)
+
+    def _wrap(self, method: Method, total_steps: int) -> None:
+        raise NotImplementedError
+
+    def build_optimizer(self, method: Method, total_steps: int) -> None:
+        o = self.cfg.optim
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(method.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                           eps=o.eps, fused=fused or None)
+        lrs = warmup_cosine(total_steps, o.warmup_steps, o.lr, o.min_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lrs[min(s, len(lrs) - 1)] / o.lr)
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def sync_context(self, sync: bool):
+        """Context for a micro-step; ``sync=False`` skips gradient communication during accumulation."""
+        return contextlib.nullcontext()
+
+    def micro_step(self, batch: Batch, sync: bool, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro-batch; the loss is scaled by ``scale`` (1/accumulation)."""
+        with self.sync_context(sync):
+            with self.autocast():
+                loss, metrics = self.model(batch)
+            (loss * scale).backward()
+        return loss.detach(), metrics
+
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor | None:
+        """Clip, step the optimizer and the schedule, zero gradients. Returns the pre-clip grad norm (device).
+
+        ``skip_nonfinite``: if the (rank-averaged, so identical everywhere) gradient norm is not finite, drop
+        the update and return None. This reads the norm on the host: one sync per step."""
+        clip = self.cfg.optim.clip_grad_norm
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
+        if skip_nonfinite and not torch.isfinite(norm).item():
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Write model + optimizer + scheduler state into the (existing, empty) folder ``path``. Collective."""
+        raise NotImplementedError
+
+    def load(self, path: Path) -> None:
+        """Restore what ``save`` wrote. Collective."""
+        raise NotImplementedError
+
+    def method_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full (unsharded) method state dict on rank 0, None elsewhere. Collective."""
+        raise NotImplementedError
+
+    @classmethod
+    def read_model_state(cls, path: Path, method: Method) -> dict[str, torch.Tensor]:
+        """Full method state dict from a checkpoint folder, in one process without a process group (export)."""
+        raise NotImplementedError

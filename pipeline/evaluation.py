@@ -1,0 +1,109 @@
+"""Frozen-feature evaluation: weighted kNN (as in DINO) and a linear probe (logistic regression), on labelled
+shards, for the pretrained encoder and, with the same protocol, a randomly initialised one and raw pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.config import Config
+from pipeline.data.loader import iter_eval_batches
+from pipeline.distributed import DistEnv
+
+
+@torch.no_grad()
+def extract(fn, cfg: Config, shards: str | Path, env: DistEnv, device: torch.device,
+            max_samples: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Apply ``fn`` to every eval batch of this rank's part; gathered to rank 0 (None on other ranks)."""
+    feats, labels = [], []
+    for batch in iter_eval_batches(cfg, shards, env, device, max_samples):
+        feats.append(fn(batch.views[0]).float().cpu())
+        labels.append(batch.labels.cpu())
+    local = (torch.cat(feats).numpy(), torch.cat(labels).numpy()) if feats else None
+    if env.world_size > 1 and dist.is_initialized():
+        parts: list = [None] * env.world_size
+        dist.all_gather_object(parts, local)
+        if not env.is_main:
+            return None
+        parts = [p for p in parts if p is not None]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return local
+
+
+def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Cosine-similarity kNN with exp(sim / T) weighted votes (Wu et al. 2018; DINO)."""
+    tx = F.normalize(torch.from_numpy(train_x).float(), dim=1)
+    ty = torch.from_numpy(train_y).long()
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(tx))
+    correct = 0
+    for i in range(0, len(test_x), chunk):
+        q = F.normalize(torch.from_numpy(test_x[i:i + chunk]).float(), dim=1)
+        sim, idx = (q @ tx.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes).scatter_add_(1, ty[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == torch.from_numpy(test_y[i:i + chunk])).sum().item()
+    return correct / len(test_x)
+
+
+def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                          max_iter: int = 1000) -> float:
+    """Multinomial logistic regression on standardised frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    clf.fit(train_x, train_y)
+    return float(clf.score(test_x, test_y))
+
+
+def raw_pixels(views: torch.Tensor) -> torch.Tensor:
+    """Flattened eval view; one channel when the image is grey (the three channels are equal)."""
+    if torch.equal(views[:, 0], views[:, 1]) and torch.equal(views[:, 1], views[:, 2]):
+        views = views[:, :1]
+    return views.flatten(1)
+
+
+def score(cfg: Config, fn, env: DistEnv, device: torch.device) -> dict[str, float] | None:
+    """kNN and linear-probe accuracy of feature function ``fn`` (rank 0 gets the result, others None)."""
+    e = cfg.eval
+    train = extract(fn, cfg, cfg.data.eval_train_shards, env, device, e.max_train_samples)
+    test = extract(fn, cfg, cfg.data.eval_test_shards, env, device)
+    if train is None or test is None:
+        return None
+    return {
+        "knn": knn_accuracy(*train, *test, k=e.knn_k, temperature=e.knn_temperature),
+        "linear_probe": linear_probe_accuracy(*train, *test, max_iter=e.probe_max_iter),
+        "num_train": int(len(train[0])),
+        "num_test": int(len(test[0])),
+    }
+
+
+def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.device) -> dict | None:
+    """Score the encoder and, if ``eval.baselines``, a random-init encoder and raw pixels. Collective."""
+    from pipeline.models import build_encoder
+
+    def features(model):
+        def fn(x):
+            return model(x)
+        return fn
+
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        results = {"pretrained": score(cfg, features(encoder), env, device)}
+        if cfg.eval.baselines:
+            torch.manual_seed(cfg.run.seed + 12345)
+            random_encoder = build_encoder(cfg.model).to(device).eval()
+            results["random_init"] = score(cfg, features(random_encoder), env, device)
+            results["raw_pixels"] = score(cfg, raw_pixels, env, device)
+    encoder.train(was_training)
+    if not env.is_main:
+        return None
+    return {metric: {name: r[metric] for name, r in results.items()} for metric in ("knn", "linear_probe")} | {
+        "num_train": results["pretrained"]["num_train"], "num_test": results["pretrained"]["num_test"]}

@@ -1,0 +1,62 @@
+"""Encoders and heads. Model code knows nothing of distribution: engines wrap what is built here."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+
+def build_encoder(cfg: ModelConfig) -> nn.Module:
+    """A timm model with its classifier removed (``num_classes=0``): ``encoder(x)`` gives pooled features of
+    size ``encoder.num_features``. Never downloads weights (``pretrained=False``)."""
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, **cfg.timm_kwargs())
+    except RuntimeError as exc:
+        raise ValueError(f"model.name={cfg.name!r}: {exc}") from exc
+    return model
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, norm: str = "none",
+        last_norm: bool = False) -> nn.Sequential:
+    """Projection/prediction MLP: (Linear [-> BN] -> GELU) x (num_layers-1) -> Linear [-> BN without affine]."""
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(num_layers - 1):
+        layers.append(nn.Linear(dim, hidden_dim, bias=norm == "none"))
+        if norm == "bn":
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        elif norm == "ln":
+            layers.append(nn.LayerNorm(hidden_dim))
+        layers.append(nn.GELU())
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=not last_norm))
+    if last_norm:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameter names exempt from weight decay: biases, norms (1-D params) and timm's own list."""
+    skip = set()
+    timm_skip: set[str] = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            prefix = f"{name}." if name else ""
+            timm_skip |= {prefix + n for n in module.no_weight_decay()}
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or name in timm_skip or name.endswith(".bias"):
+            skip.add(name)
+    return skip
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (buffers copied)."""
+    t_params = [p for p in target.parameters()]
+    o_params = [p.detach() for p in online.parameters()]
+    torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+    for tb, ob in zip(target.buffers(), online.buffers()):
+        tb.copy_(ob)

@@ -1,0 +1,153 @@
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import shards as S
+
+
+def _png(color, size=(12, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    for cls, color in (("cat", "red"), ("dog", "blue")):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            (root / cls / f"{i}.png").write_bytes(_png(color))
+    good = _jpeg("green")
+    (root / "dog" / "truncated.jpg").write_bytes(good[: len(good) // 2])  # cut mid-scan
+    (root / "dog" / "garbage.jpg").write_bytes(b"this is not an image")
+    return root
+
+
+def test_folder_with_classes_skips_and_counts_corrupt_images(image_folder, tmp_path, capsys):
+    items, total, classes = S.folder_items(image_folder)
+    m = S.write_shards(items, tmp_path / "out", shard_size=4, total=total, classes=classes, progress=False)
+    assert classes == ["cat", "dog"]
+    assert m["num_samples"] == 10 and m["num_skipped"] == 2
+    assert {s["item"].rsplit("/", 1)[1] for s in m["skipped"]} == {"truncated.jpg", "garbage.jpg"}
+    assert [s["num_samples"] for s in m["shards"]] == [4, 4, 2]
+    assert m["fields"] == ["cls", "png"]
+    for s in m["shards"]:
+        path = tmp_path / "out" / s["file"]
+        assert S.sha256_file(path) == s["sha256"] and path.stat().st_size == s["bytes"]
+    labels = []
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        for member in tar:
+            if member.name.endswith(".cls"):
+                labels.append(int(tar.extractfile(member).read()))
+    assert labels == [0, 0, 0, 0]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
+
+
+def test_folder_without_classes_has_no_labels(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.jpg").write_bytes(_jpeg("white"))
+    items, total, classes = S.folder_items(root)
+    m = S.write_shards(items, tmp_path / "out", total=total, progress=False)
+    assert classes == [] and m["fields"] == ["jpg"] and m["image_key"] == "jpg"
+
+
+def test_captions(tmp_path):
+    root = tmp_path / "stamps"
+    root.mkdir()
+    (root / "cat.png").write_bytes(_png("orange"))
+    (root / "cat.txt").write_text("\nA cat.\nsecond line ignored\n")
+    (root / "nocap.png").write_bytes(_png("black"))  # no caption: not an image+caption pair
+    items, total = S.caption_items(root)
+    m = S.write_shards(items, tmp_path / "out", total=total, progress=False)
+    assert m["num_samples"] == 1 and m["fields"] == ["png", "txt"]
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        assert tar.extractfile("000000000.txt").read() == b"A cat."
+
+
+def test_idx_arrays_round_trip(tmp_path):
+    arr = (np.arange(6 * 28 * 28) % 251).astype(np.uint8).reshape(6, 28, 28)
+    import gzip
+    import struct
+
+    with gzip.open(tmp_path / "imgs.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 6, 28, 28) + arr.tobytes())
+    with gzip.open(tmp_path / "labs.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 6) + bytes(range(6)))
+    items, total = S.idx_items(tmp_path / "imgs.gz", tmp_path / "labs.gz")
+    S.write_shards(items, tmp_path / "out", shard_size=4, total=total, progress=False)
+    with tarfile.open(tmp_path / "out" / "shard-000001.tar") as tar:
+        img = np.array(Image.open(io.BytesIO(tar.extractfile("000000005.png").read())))
+        assert tar.extractfile("000000005.cls").read() == b"5"
+    assert np.array_equal(img, arr[5])
+
+
+def test_truncated_idx_is_reported(tmp_path):
+    import gzip
+    import struct
+
+    with gzip.open(tmp_path / "imgs.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 6, 28, 28) + b"\0" * 100)
+    with pytest.raises(S.ShardError, match="truncated"):
+        S.read_idx(tmp_path / "imgs.gz")
+
+
+def test_dali_index_matches_wds2idx(image_folder, tmp_path):
+    pytest.importorskip("wds2idx", reason="DALI's wds2idx is installed with nvidia-dali")
+    items, total, classes = S.folder_items(image_folder)
+    S.write_shards(items, tmp_path / "out", shard_size=100, total=total, progress=False)
+    ref = tmp_path / "ref.idx"
+    subprocess.run([sys.executable, "-c", "import sys, wds2idx; sys.exit(wds2idx.main())",
+                    str(tmp_path / "out" / "shard-000000.tar"), str(ref)], check=True, capture_output=True)
+    assert (tmp_path / "out" / "shard-000000.idx").read_text() == ref.read_text()
+
+
+def test_open_shards_errors(tmp_path, image_folder):
+    with pytest.raises(S.ShardError, match="not found"):
+        S.open_shards(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(S.ShardError, match="no manifest.json"):
+        S.open_shards(tmp_path / "empty")
+    with pytest.raises(S.ShardError, match="no shard folder given"):
+        S.open_shards("")
+    items, total, classes = S.folder_items(image_folder)
+    S.write_shards(items, tmp_path / "out", shard_size=4, total=total, progress=False)
+    with pytest.raises(S.ShardError, match=r"\['txt'\] are needed"):
+        S.open_shards(tmp_path / "out", require=("txt",))
+    shard = tmp_path / "out" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:2000])
+    with pytest.raises(S.ShardError, match="shard-000001.tar is 2000 bytes but the manifest says"):
+        S.open_shards(tmp_path / "out")
+    (tmp_path / "out" / "shard-000002.tar").unlink()
+    with pytest.raises(S.ShardError, match="shard-000002.tar listed in .* is missing"):
+        S.open_shards(tmp_path / "out", verify="none")
+
+
+def test_cli_writes_fashion_mnist_subset(tmp_path):
+    from tests.conftest import FASHION_MNIST
+
+    if not FASHION_MNIST.exists():
+        pytest.skip("Fashion-MNIST not installed")
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "shards", "write", "--format", "idx",
+         "--input", str(FASHION_MNIST / "t10k-images-idx3-ubyte.gz"),
+         "--labels", str(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz"), "--classes", "fashion-mnist",
+         "--output", str(tmp_path / "fm"), "--shard-size", "4000", "--no-progress"],
+        capture_output=True, text=True, check=True)
+    assert "wrote 10000 samples in 3 shards" in out.stdout
+    m = S.open_shards(tmp_path / "fm", verify="sha256").manifest
+    assert m["classes"][9] == "Ankle boot" and [s["num_samples"] for s in m["shards"]] == [4000, 4000, 2000]
