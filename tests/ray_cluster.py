@@ -204,7 +204,7 @@ class RayCluster:
     def all_pids(self) -> list[int]:
         return sorted({pid for node in self.nodes for pid in node.alive_pids()})
 
-    def stop(self, grace_s: float = 20) -> None:
+    def stop(self, grace_s: float = 5) -> None:
         """SIGTERM each ``ray start --block`` (workers first), then SIGKILL whatever of ours is left."""
         for node in reversed(self.nodes):
             if node.proc.poll() is None:
@@ -215,10 +215,10 @@ class RayCluster:
                 node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        # Children Ray put in their own session are still our descendants or in our sessions until reparented;
-        # collect again after the wait, then kill the leftovers by PID.
-        while time.monotonic() < deadline and self.all_pids():
-            time.sleep(0.5)
+        # Worker processes notice their raylet is gone within a second or two; then kill the leftovers by PID.
+        leftovers_deadline = time.monotonic() + 3
+        while time.monotonic() < leftovers_deadline and self.all_pids():
+            time.sleep(0.2)
         for pid in self.all_pids():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -187,6 +187,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(cluster, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_local_cluster_stays_on_loopback(tmp_path):
     """``launcher.ray.address`` empty: the launcher starts its own single-node cluster, bound to 127.0.0.1."""
     _netns_or_skip()
