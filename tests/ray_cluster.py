@@ -49,10 +49,10 @@ def can_make_netns() -> tuple[bool, str]:
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "netns"
         probe.touch()
-        made = subprocess.run(["unshare", f"--net={probe}", "true"], capture_output=True, text=True)
+        made = subprocess.run(["unshare", f"--net={probe}", "true"], capture_output=True, text=True, check=False)
         if made.returncode != 0:
             return False, f"unshare --net failed: {made.stderr.strip()}"
-        subprocess.run(["umount", str(probe)], capture_output=True)
+        subprocess.run(["umount", str(probe)], capture_output=True, check=False)
     return True, ""
 
 
@@ -74,7 +74,7 @@ class NetNS:
 
     def close(self) -> None:
         # The namespace lives as long as the bind mount (or a process inside it) does.
-        subprocess.run(["umount", str(self.path)], capture_output=True)
+        subprocess.run(["umount", str(self.path)], capture_output=True, check=False)
 
 
 def _session_members(sid: int) -> list[int]:
@@ -190,7 +190,7 @@ class RayCluster:
         """Run a Python driver inside the namespace (where the cluster is reachable)."""
         return subprocess.run(
             self.netns.wrap([sys.executable, "-c", code]), capture_output=True, text=True, timeout=timeout_s,
-            cwd=cwd, env={**self.env, **(env or {})},
+            cwd=cwd, env={**self.env, **(env or {})}, check=False,
         )
 
     def popen_python(self, code: str, log: Path, *, cwd: str | Path | None = None,
