@@ -169,11 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", help="checkpoint folder (default: latest)")
     x.add_argument("--output", help="output folder (default: RUN_DIR/export)")
     x.set_defaults(fn=cmd_export)
+
+    from pipeline.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except ConfigError as exc:

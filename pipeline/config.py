@@ -87,8 +87,8 @@ class LoaderConfig:
 
 @dataclass
 class AugmentConfig:
-    recipe: str = "simclr"
-    """Augmentation recipe by name (see ``pipeline.data.recipes.RECIPES``)."""
+    recipe: str = "auto"
+    """Augmentation recipe by name (see ``pipeline.data.recipes.RECIPES``); ``auto`` takes the method's own."""
     image_size: int = 224
     """Side of the (global) views fed to the model."""
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -124,6 +124,8 @@ class ModelConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     drop_path_rate: float = 0.0
+    dynamic_img_size: bool = False
+    """Accept inputs of any size (position embeddings interpolated): DINO's local crops need it."""
     grad_checkpointing: bool = False
     """Activation checkpointing of the transformer blocks (applied by the engine)."""
 
@@ -135,6 +137,8 @@ class ModelConfig:
                 kwargs[key] = getattr(self, key)
         if self.drop_path_rate:
             kwargs["drop_path_rate"] = self.drop_path_rate
+        if self.dynamic_img_size:
+            kwargs["dynamic_img_size"] = True
         return kwargs
 
 
@@ -145,13 +149,126 @@ class SimCLRConfig:
     """Each rank scores only its own rows against all gathered keys (O(B x WB) instead of O(WB x WB))."""
 
 
+FMNIST_TEMPLATES = (
+    "a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
+    "a photo of the {}, a type of clothing.", "a product photo of a {}.", "a grayscale image of a {}.",
+)
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    """Width of the joint image-text embedding."""
+    loss: str = "infonce"
+    """``infonce`` (CLIP: symmetric softmax over the global batch) or ``siglip`` (pairwise sigmoid)."""
+    local_loss: bool = False
+    """InfoNCE: each rank scores only its own rows against all gathered ones (same loss, B/N of the memory)."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature (logit scale = 1/T, learnable); SigLIP starts at scale 10, bias -10."""
+    max_logit_scale: float = 100.0
+    """The learnable logit scale is clamped to at most this (CLIP clamps at 100)."""
+    tokenizer: str = "clip_bpe"
+    """``clip_bpe``: CLIP's byte-level BPE (49,408 tokens) from the vocabulary file shipped inside the
+    open-clip-torch wheel, no download."""
+    context_length: int = 77
+    """Tokens per caption (start and end tokens included; longer captions are truncated)."""
+    text_width: int = 512
+    text_depth: int = 12
+    text_heads: int = 8
+    zero_shot_templates: tuple[str, ...] = FMNIST_TEMPLATES
+    """Prompt templates for zero-shot classification; the class name replaces ``{}``."""
+
+    def __post_init__(self) -> None:
+        _check_choice("method.clip.loss", self.loss, ("infonce", "siglip"))
+        if self.context_length < 3:
+            raise ConfigError(f"method.clip.context_length must be >= 3, got {self.context_length}")
+
+
+@dataclass
+class MoCoV3Config:
+    temperature: float = 0.2
+    momentum: float = 0.99
+    """Initial EMA momentum of the key encoder; rises to 1 along a cosine over training."""
+    pred_hidden_dim: int = 4096
+    proj_layers: int = 3
+
+
+@dataclass
+class BYOLConfig:
+    momentum: float = 0.996
+    """Initial EMA momentum of the target network; rises to 1 along a cosine over training."""
+    pred_hidden_dim: int = 4096
+
+
+@dataclass
+class BarlowTwinsConfig:
+    lambd: float = 0.0051
+    """Weight of the off-diagonal (redundancy reduction) term."""
+    proj_layers: int = 3
+
+
+@dataclass
+class VICRegConfig:
+    sim_coeff: float = 25.0
+    std_coeff: float = 25.0
+    cov_coeff: float = 1.0
+    proj_layers: int = 3
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 65536
+    """Prototypes (output dimension of the DINO head)."""
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    """Teacher temperature after warm-up."""
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    """Steps of linear warm-up of the teacher temperature from ``warmup_teacher_temp`` to ``teacher_temp``."""
+    center_momentum: float = 0.9
+    momentum: float = 0.996
+    """Initial EMA momentum of the teacher; rises to 1 along a cosine over training."""
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+    """Targets are the pixels of each patch normalised by the patch's mean and std."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"method.mae.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class RotNetConfig:
+    all_rotations: bool = True
+    """Score all four rotations of every image (Gidaris et al.); false: one random rotation per image."""
+
+
 @dataclass
 class MethodConfig:
     name: str = "simclr"
     """Self-supervised method by name (see ``pipeline.methods.METHODS``)."""
     proj_hidden_dim: int = 2048
+    """Hidden width of the projection MLP (SimCLR, MoCo v3, BYOL, Barlow Twins, VICReg)."""
     proj_dim: int = 128
+    """Output width of the projection MLP."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+    vicreg: VICRegConfig = field(default_factory=VICRegConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    rotnet: RotNetConfig = field(default_factory=RotNetConfig)
 
 
 @dataclass
@@ -166,13 +283,30 @@ class EngineConfig:
     """Process-group backend: ``auto`` (nccl on GPUs, gloo on CPU), ``nccl`` or ``gloo``."""
     compile: bool = False
     """``torch.compile`` the encoder blocks (GPU)."""
+    reduce_dtype: str = "fp32"
+    """Dtype gradients are reduced in under bf16 (``fp32`` or ``bf16``): FSDP2's ``MixedPrecisionPolicy``
+    ``reduce_dtype``, DeepSpeed's ``communication_data_type``. Ignored in fp32 runs."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered parameters after its forward and gather again for backward (ZeRO-3
+    memory); false keeps them until backward (ZeRO-2-like: more memory, one all-gather less per block)."""
+    offload: str = "none"
+    """DeepSpeed ZeRO-Offload: ``none``, ``optimizer`` (optimizer state and step on the CPU) or ``params``
+    (optimizer and, with ZeRO-3, the parameters too). FSDP2: anything but ``none`` offloads parameters,
+    gradients and optimizer state to the CPU (``CPUOffloadPolicy``). GPU runs only."""
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config entries merged (recursively) over the one generated from this tree, for knobs the
+    tree does not name, e.g. ``{zero_optimization: {stage3_param_persistence_threshold: 0}}``."""
 
     def __post_init__(self) -> None:
         _check_choice("engine.name", self.name, ("ddp", "fsdp", "deepspeed"))
         _check_choice("engine.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("engine.backend", self.backend, ("auto", "nccl", "gloo"))
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check_choice("engine.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        _check_choice("engine.offload", self.offload, ("none", "optimizer", "params"))
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"engine.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.offload == "params" and self.name == "deepspeed" and self.zero_stage != 3:
+            raise ConfigError("engine.offload=params needs engine.zero_stage=3 (only ZeRO-3 partitions parameters)")
 
 
 @dataclass
@@ -273,9 +407,23 @@ class SlurmConfig:
     signal_delay_s: int = 120
     """Seconds before the time limit at which Slurm signals the job to checkpoint."""
     folder: str = ""
-    """submitit folder for scripts and logs (default: run_dir/slurm)."""
+    """submitit folder for scripts, pickles and logs; ``%j`` becomes the job id (default: run_dir/slurm/%j)."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     """Extra sbatch options, e.g. {"reservation": "foo"}."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the sbatch script before ``srun``, e.g. ["module load cuda/12.4"]."""
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"launcher.slurm.{key} must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_node < 0 or self.mem_gb < 0 or self.max_num_timeout < 0:
+            raise ConfigError("launcher.slurm.gpus_per_node, mem_gb and max_num_timeout must be >= 0")
+        if not 0 <= self.signal_delay_s < self.timeout_min * 60:
+            raise ConfigError(
+                f"launcher.slurm.signal_delay_s={self.signal_delay_s} must be >= 0 and shorter than the time limit "
+                f"({self.timeout_min} min): the job is signalled that many seconds before it is killed"
+            )
 
 
 @dataclass

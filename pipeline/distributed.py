@@ -66,7 +66,7 @@ def read_dist_env() -> DistEnv:
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
-            source="ray" if "RAY_TRAIN_WORKER" in env or env.get("PIPELINE_LAUNCHER") == "ray" else "torchrun",
+            source=env.get("PIPELINE_LAUNCHER") or ("ray" if "RAY_TRAIN_WORKER" in env else "torchrun"),
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         job_id = int(env.get("SLURM_JOB_ID", "0"))

@@ -79,8 +79,8 @@ def score(cfg: Config, fn, env: DistEnv, device: torch.device) -> dict[str, floa
     return {
         "knn": knn_accuracy(*train, *test, k=e.knn_k, temperature=e.knn_temperature),
         "linear_probe": linear_probe_accuracy(*train, *test, max_iter=e.probe_max_iter),
-        "num_train": int(len(train[0])),
-        "num_test": int(len(test[0])),
+        "num_train": len(train[0]),
+        "num_test": len(test[0]),
     }
 
 
@@ -107,3 +107,24 @@ def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.
         return None
     return {metric: {name: r[metric] for name, r in results.items()} for metric in ("knn", "linear_probe")} | {
         "num_train": results["pretrained"]["num_train"], "num_test": results["pretrained"]["num_test"]}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(cfg: Config, method: torch.nn.Module, shards: str | Path, env: DistEnv,
+                       device: torch.device, max_samples: int = 0) -> float:
+    """Top-1 accuracy of an image-text method (``zero_shot_classifier`` + ``encode_image``) on labelled shards:
+    class embeddings from the prompt templates ``method.clip.zero_shot_templates`` filled with the class names of
+    the shards' manifest. Collective when distributed; every rank gets the result."""
+    from pipeline.data.shards import open_shards
+
+    classes = open_shards(shards, cfg.data.verify).classes
+    if not classes:
+        raise ValueError(f"{shards}: the manifest names no classes, so there is nothing to prompt with")
+    classifier = method.zero_shot_classifier(classes)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in iter_eval_batches(cfg, shards, env, device, max_samples):
+        pred = (method.encode_image(batch.views[0]) @ classifier.T).argmax(dim=1)
+        counts += torch.tensor([(pred == batch.labels).sum().item(), len(pred)], dtype=torch.float64, device=device)
+    if env.world_size > 1 and dist.is_initialized():
+        dist.all_reduce(counts)
+    return float(counts[0] / counts[1])

@@ -52,11 +52,36 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return skip
 
 
+def _held(p: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding this rank's values of a parameter, whatever engine wraps the model.
+
+    Engines shard a teacher exactly like the student it tracks, so lerping what each rank holds is the whole
+    EMA update. A plain tensor (DDP, ZeRO-1/2) is itself; an FSDP2 ``DTensor`` holds its local shard; a ZeRO-3
+    parameter holds its partition ``ds_tensor`` and, while gathered (ZeRO-3 keeps small "persistent" parameters
+    gathered between steps), also its full ``data``."""
+    if hasattr(p, "ds_tensor"):
+        held = [p.ds_tensor]
+        if p.data.numel() == p.ds_numel:
+            held.append(p.data)
+        return held
+    if hasattr(p, "to_local"):  # DTensor; under no_grad to_local() is the local shard itself, not a copy
+        return [p.to_local()]
+    return [p.detach()]
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (buffers copied)."""
-    t_params = [p for p in target.parameters()]
-    o_params = [p.detach() for p in online.parameters()]
-    torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (buffers copied).
+
+    Valid on sharded models too (FSDP2 DTensors, ZeRO-3 partitions): see ``_held``."""
+    t_held, o_held = [], []
+    for tp, op in zip(target.parameters(), online.parameters(), strict=True):
+        t, o = _held(tp), _held(op)
+        if len(t) != len(o) or any(a.shape != b.shape for a, b in zip(t, o)):
+            raise ValueError(f"EMA target and online parameters are held differently ({tp.shape} vs {op.shape}): "
+                             f"the engine must shard the teacher like the student")
+        t_held += t
+        o_held += o
+    torch._foreach_lerp_(t_held, o_held, 1.0 - momentum)
     for tb, ob in zip(target.buffers(), online.buffers()):
         tb.copy_(ob)

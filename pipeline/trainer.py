@@ -20,6 +20,7 @@ import torch
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, save_config
 from pipeline.data.loader import build_loader
+from pipeline.data.recipes import build_recipe
 from pipeline.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -131,7 +132,7 @@ class Trainer:
         engine = build_engine(cfg, env, device)
         engine.setup(method, total)
         seed_everything(cfg.run.seed + 1000 * env.rank + 1)  # per-rank streams (masking, etc.)
-        loader = build_loader(cfg, env, device)
+        loader = build_loader(cfg, env, device, recipe=build_recipe(cfg.augment, method_recipe=method.recipe))
 
         step = 0
         if resume_from is not None:
@@ -167,6 +168,14 @@ class Trainer:
             results = evaluate(cfg, encoder, env, device)
             if results:
                 summary.update(results)
+            if hasattr(method, "zero_shot_classifier"):  # image-text methods: prompt the text tower too
+                from pipeline.evaluation import zero_shot_accuracy
+
+                was_training = method.training
+                zero_shot = zero_shot_accuracy(cfg, method.eval(), cfg.data.eval_test_shards, env, device)
+                method.train(was_training)
+                if env.is_main:
+                    summary["zero_shot"] = zero_shot
         if env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         barrier()

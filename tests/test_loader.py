@@ -84,7 +84,7 @@ def test_bad_data_errors_name_the_shard(fmnist_shards, tmp_path):
 
     bad = tmp_path / "bad"
     shutil.copytree(fmnist_shards["train"], bad)
-    cfg = _cfg({"train": bad}, tmp_path, **{"data.verify": "none", "loader.num_workers": 0,
+    cfg = _cfg({**fmnist_shards, "train": bad}, tmp_path, **{"data.verify": "none", "loader.num_workers": 0,
                                              "loader.shuffle_buffer": 0})
     shard = bad / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[:40_000])  # truncate mid-sample
@@ -92,7 +92,7 @@ def test_bad_data_errors_name_the_shard(fmnist_shards, tmp_path):
         ld = TorchLoader(cfg, DistEnv(), CPU)
         for _ in itertools.islice(iter(ld), ld.steps_per_epoch):
             pass
-    cfg = _cfg({"train": fmnist_shards["train"]}, tmp_path, **{"data.image_key": "jpg"})
+    cfg = _cfg(fmnist_shards, tmp_path, **{"data.image_key": "jpg"})
     with pytest.raises(ShardError, match="no 'jpg' field"):
         TorchLoader(cfg, DistEnv(), CPU)
     with pytest.raises(ShardError, match="fewer than one global batch"):

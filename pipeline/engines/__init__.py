@@ -1,4 +1,4 @@
-"""Engine registry: ``engine.name`` picks one."""
+"""Engine registry: ``engine.name`` picks one (``deepspeed`` is imported only when chosen)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,24 @@ import torch
 from pipeline.config import Config
 from pipeline.distributed import DistEnv
 from pipeline.engines.base import Engine
-from pipeline.engines.ddp import DDPEngine
+
+ENGINES = ("ddp", "fsdp", "deepspeed")
 
 
 def engine_class(name: str) -> type[Engine]:
     if name == "ddp":
+        from pipeline.engines.ddp import DDPEngine
+
         return DDPEngine
-    raise KeyError(f"engine.name={name!r} is not available; known: ddp")
+    if name == "fsdp":
+        from pipeline.engines.fsdp import FSDPEngine
+
+        return FSDPEngine
+    if name == "deepspeed":
+        from pipeline.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    raise KeyError(f"engine.name={name!r} is not available; known: {', '.join(ENGINES)}")
 
 
 def build_engine(cfg: Config, env: DistEnv, device: torch.device) -> Engine:

@@ -25,7 +25,9 @@ def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 class Engine:
-    """Subclasses implement ``_wrap``, ``save``, ``load`` and ``read_model_state``; the rest is shared."""
+    """Subclasses implement ``_wrap``, ``save``, ``load``, ``method_state_dict`` and ``read_model_state``, and
+    ``micro_step``/``step`` where the wrapped model runs its own backward and step (DeepSpeed); the rest is
+    shared."""
 
     name = "base"
 
@@ -80,6 +82,8 @@ class Engine:
         clip = self.cfg.optim.clip_grad_norm
         params = [p for p in self.method.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
+        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2) give a DTensor norm
+            norm = norm.full_tensor()
         if skip_nonfinite and not torch.isfinite(norm).item():
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -30,14 +30,28 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return out.wait() if hasattr(out, "wait") else out
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable mean over ranks (for global batch statistics: Barlow Twins, VICReg, DINO centre)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks; its backward is again a sum over ranks.
+
+    For global batch statistics (Barlow Twins cross-correlation, VICReg variance and covariance): every rank
+    sums its local terms into the same global statistic and computes the same loss L from it. Rank r then
+    receives sum_r' dL_r'/dS = W dL/dS as the gradient of its local part, and DDP's division by W leaves the
+    single-process gradient. A non-differentiable ``dist.all_reduce`` here keeps only the local 1/W of it
+    (lightly #1977, the original Barlow Twins code). tests/test_methods.py checks this on 2 gloo ranks.
+    """
     _, ws = world()
     if ws == 1:
         return x
     from torch.distributed._functional_collectives import all_reduce
 
-    return all_reduce(x, "sum", group=dist.group.WORLD) / ws
+    out = all_reduce(x.contiguous(), "sum", group=dist.group.WORLD)
+    return out.wait() if hasattr(out, "wait") else out
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable mean over ranks (backward as in :func:`all_reduce_sum`)."""
+    _, ws = world()
+    return x if ws == 1 else all_reduce_sum(x) / ws
 
 
 def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:

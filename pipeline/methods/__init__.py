@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from pipeline.config import Config
 from pipeline.methods.base import Method
+from pipeline.methods.byol import BYOL
+from pipeline.methods.clip import CLIP
+from pipeline.methods.dino import DINO
+from pipeline.methods.mae import MAE
+from pipeline.methods.mocov3 import MoCoV3
+from pipeline.methods.redundancy import BarlowTwins, VICReg
+from pipeline.methods.rotnet import RotNet
 from pipeline.methods.simclr import SimCLR
 
 METHODS: dict[str, type[Method]] = {
     "simclr": SimCLR,
+    "clip": CLIP,
+    "mocov3": MoCoV3,
+    "byol": BYOL,
+    "barlow_twins": BarlowTwins,
+    "vicreg": VICReg,
+    "dino": DINO,
+    "mae": MAE,
+    "rotnet": RotNet,
 }
 
 

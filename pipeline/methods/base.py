@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from torch import nn
 
@@ -34,6 +37,22 @@ class Method(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Hook after each optimizer step (EMA teacher updates, schedules of method hyper-parameters)."""
 
+    @staticmethod
+    def make_teacher(online: nn.Module) -> nn.Module:
+        """A frozen copy of ``online`` (same initial weights): an EMA teacher, updated only in ``after_step``."""
+        teacher = copy.deepcopy(online)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    @staticmethod
+    def ema_momentum(base: float, step: int, total_steps: int) -> float:
+        """Cosine schedule of EMA momentum from ``base`` at step 0 to 1 at the last step (BYOL, MoCo v3, DINO)."""
+        if total_steps <= 1:
+            return base
+        t = min(step, total_steps - 1) / (total_steps - 1)  # the same curve as schedules.cosine(total, base, 1)
+        return 1.0 - (1.0 - base) * (1 + math.cos(math.pi * t)) / 2
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: no weight decay on biases, norms, position embeddings and special tokens."""
         skip = no_weight_decay_names(self)
@@ -46,3 +65,15 @@ class Method(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """Transformer blocks of every trainable network: the units engines shard and checkpoint."""
         return list(getattr(self.encoder, "blocks", []))
+
+    def teacher_blocks(self) -> list[nn.Module]:
+        """Transformer blocks of the networks updated without gradients (EMA teachers), which methods that have
+        one override. Sharding engines shard them exactly like the student's blocks (FSDP2: one unit per block;
+        ZeRO-3 partitions every parameter alike), so each rank holds the same slice of a teacher parameter as of
+        the student parameter it tracks and the EMA update (``pipeline.models.ema_update``) is a local lerp of
+        shards, with no communication. DDP and ZeRO-1/2 replicate teachers on every rank."""
+        return []
+
+    def shard_units(self) -> list[nn.Module]:
+        """Every module an engine wraps as its own sharding unit (FSDP2 ``fully_shard``), students first."""
+        return self.blocks() + self.teacher_blocks()

@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   venv + Fashion-MNIST shards + SimCLR on 2 CPU processes + eval + export
+#   make test         venv + the whole test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, from the versions this machine serves locally; override on other machines (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FMNIST := /usr/share/datasets/fashion-mnist
+DATA := data/fashion-mnist
+
+.PHONY: quickstart test install data lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[all]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(FMNIST)/train-images-idx3-ubyte.gz:
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
+
+$(DATA)/train/manifest.json $(DATA)/test/manifest.json &: $(VENV)/.installed $(FMNIST)/train-images-idx3-ubyte.gz
+	$(PY) -m pipeline shards write --format idx --classes fashion-mnist --shard-size 5000 \
+	  --input $(FMNIST)/train-images-idx3-ubyte.gz --labels $(FMNIST)/train-labels-idx1-ubyte.gz --output $(DATA)/train
+	$(PY) -m pipeline shards write --format idx --classes fashion-mnist --shard-size 5000 \
+	  --input $(FMNIST)/t10k-images-idx3-ubyte.gz --labels $(FMNIST)/t10k-labels-idx1-ubyte.gz --output $(DATA)/test
+
+data: $(DATA)/train/manifest.json
+
+quickstart: $(VENV)/.installed data
+	rm -rf runs/quickstart
+	OMP_NUM_THREADS=1 $(PY) -m pipeline launch configs/quickstart.yaml $(ARGS)
+
+test: $(VENV)/.installed $(FMNIST)/train-images-idx3-ubyte.gz
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check pipeline launchers tests benchmarks
+
+clean:
+	rm -rf runs data

@@ -1,0 +1,130 @@
+"""Every method, same CPU budget, on Fashion-MNIST: pretrain, export, then kNN and linear-probe accuracy of the
+frozen exported encoder, against a randomly initialised encoder and raw pixels (same protocol).
+
+    PYTHONPATH=$PWD python benchmarks/methods_fmnist.py --steps 200 --out benchmarks/results/methods_fmnist
+
+Needs ``apt-get install -y dataset-fashion-mnist``. Writes ``results.json`` and ``results.md`` into ``--out``
+(and, per method, the run directory under ``--out/runs``). Each method trains from its CPU preset
+``configs/<method>.yaml`` in one process with the overrides below, so the budget (steps x batch) is identical.
+CLIP trains on the same images with templated captions and also reports zero-shot accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import FMNIST_TEMPLATES, load_config
+from pipeline.data.shards import FASHION_MNIST_CLASSES, Item, read_idx, write_shards
+from pipeline.distributed import read_dist_env
+from pipeline.evaluation import evaluate, zero_shot_accuracy
+from pipeline.export import load_exported
+from pipeline.methods import METHODS, build_method
+from pipeline.trainer import train
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_fmnist(root: Path, n_train: int, n_test: int) -> dict[str, Path]:
+    """Labelled shards (train, test) and captioned train shards (one template per image, seeded)."""
+    out = {"train": root / "train", "test": root / "test", "captions": root / "captions"}
+    if all((p / "manifest.json").exists() for p in out.values()):
+        return out
+    rng = random.Random(0)
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        imgs = read_idx(FMNIST / f"{prefix}-images-idx3-ubyte.gz")[:n]
+        labs = read_idx(FMNIST / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+        items = [Item(f"{split}[{i}]", imgs[i], "png", int(labs[i])) for i in range(n)]
+        write_shards(items, out[split], shard_size=1000, classes=FASHION_MNIST_CLASSES, progress=False)
+        if split == "train":
+            caps = [Item(f"{split}[{i}]", imgs[i], "png", int(labs[i]),
+                         rng.choice(FMNIST_TEMPLATES).format(FASHION_MNIST_CLASSES[int(labs[i])].lower()))
+                    for i in range(n)]
+            write_shards(caps, out["captions"], shard_size=1000, classes=FASHION_MNIST_CLASSES, progress=False)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--train-samples", type=int, default=10000)
+    ap.add_argument("--test-samples", type=int, default=2000)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default="benchmarks/results/methods_fmnist")
+    ap.add_argument("--table-only", action="store_true", help="rewrite results.md from results.json")
+    args = ap.parse_args()
+    if args.table_only:
+        write_table(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out) / "results.md")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = write_fmnist(out / "data", args.train_samples, args.test_samples)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    env, device = read_dist_env(), torch.device("cpu")
+    for name in args.methods.split(","):
+        preset = "configs/quickstart.yaml" if name == "simclr" else f"configs/{name}.yaml"
+        cfg = load_config(preset, [
+            f"run.output_dir={out / 'runs'}", f"run.name={name}", "checkpoint.resume=auto",
+            f"data.train_shards={shards['captions' if name == 'clip' else 'train']}",
+            f"data.eval_train_shards={shards['train']}", f"data.eval_test_shards={shards['test']}",
+            f"train.steps={args.steps}", f"loader.batch_size={args.batch_size}", "optim.warmup_steps=20",
+            f"checkpoint.every_steps={args.steps}", "metrics.progress=false", "metrics.tensorboard=false",
+            "eval.at_end=false", "eval.baselines=false", "train.threads=2",
+        ])
+        t0 = time.perf_counter()
+        summary = train(cfg)
+        minutes = (time.perf_counter() - t0) / 60
+        encoder = load_exported(summary["export"])
+        scores = evaluate(cfg, encoder, env, device)
+        row = {"knn": scores["knn"]["pretrained"], "linear_probe": scores["linear_probe"]["pretrained"],
+               "final_loss": summary.get("final_loss"), "train_minutes": round(minutes, 2)}
+        if name == "clip":
+            method = build_method(cfg)
+            from pipeline.engines.ddp import DDPEngine
+
+            state = DDPEngine.read_model_state(Path(summary["checkpoint"]), method)
+            method.load_state_dict(state)
+            row["zero_shot"] = zero_shot_accuracy(cfg, method.eval(), cfg.data.eval_test_shards, env, device)
+        results[name] = row
+        if "baselines" not in results:
+            cfg.eval.baselines = True
+            base = evaluate(cfg, encoder, env, device)
+            results["baselines"] = {k: {"knn": base["knn"][k], "linear_probe": base["linear_probe"][k]}
+                                    for k in ("random_init", "raw_pixels")}
+        results["setup"] = {"steps": args.steps, "batch_size": args.batch_size, "train_samples": args.train_samples,
+                            "test_samples": args.test_samples, "command": " ".join(["python"] + sys.argv)}
+        results_file.write_text(json.dumps(results, indent=1))
+        print(name, row, flush=True)
+    write_table(results, out / "results.md")
+    return 0
+
+
+def write_table(results: dict, path: Path) -> None:
+    s = results["setup"]
+    title = (f"# Methods on Fashion-MNIST, CPU, equal budget: {s['steps']} steps x batch {s['batch_size']} "
+             f"(1 process), {s['train_samples']} train / {s['test_samples']} test images")
+    lines = [title, "",
+             f"Reproduce: `PYTHONPATH=$PWD {s['command']}`", "",
+             "| encoder | kNN (k=20) | linear probe | zero-shot | final loss | train min |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        if name in ("setup", "baselines"):
+            continue
+        zs = f"{r['zero_shot']:.3f}" if "zero_shot" in r else ""
+        lines.append(f"| {name} | {r['knn']:.3f} | {r['linear_probe']:.3f} | {zs} | {r['final_loss']:.4f} | "
+                     f"{r['train_minutes']} |")
+    for name, r in results.get("baselines", {}).items():
+        lines.append(f"| {name} (baseline) | {r['knn']:.3f} | {r['linear_probe']:.3f} |  |  |  |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,404 @@
+"""The DALI backend: WebDataset shards -> ``fn.readers.webdataset`` -> decode (``mixed`` on a GPU, ``cpu``
+without one) -> the recipe's views rendered as DALI ops -> ``DALIGenericIterator`` -> :class:`Batch`.
+
+How an epoch is split, compared with the torch backend (``pipeline.data.loader``):
+
+- Same: the shard order is shuffled with :func:`~pipeline.data.loader.shard_order` seeded by ``(run.seed,
+  epoch)`` and the shards are laid end to end; the stream is split at sample level into one contiguous range
+  per rank (DALI's ``shard_id = rank``, ``num_shards = world size``), so every sample is read by at most one
+  rank per epoch; every rank takes exactly ``steps_per_epoch = samples // (batch x world)`` batches.
+- Different: DALI cuts the ranges at ``samples * rank // world`` (the torch backend at
+  ``rank * steps * batch``), so the few samples left over by the floor division are dropped from the end of
+  every rank's range instead of from the end of the stream. Within a rank, samples are shuffled by DALI's
+  reader buffer (``random_shuffle``, ``initial_fill = loader.shuffle_buffer``, seeded by seed/epoch/rank),
+  not webdataset's; and augmentation draws come from DALI's per-operator generators (seeded by
+  seed/epoch/rank), not from per-sample torch seeds, so the two backends see different crops of a sample.
+- Resume: DALI's reader cannot seek to a sample. A run resumed at ``{"epoch": e, "batch": k}`` rebuilds epoch
+  ``e``'s pipeline (same seeds) and runs and discards its first ``k`` batches: the batches that follow are
+  exactly those of an uninterrupted run, at the cost of decoding and augmenting ``k`` batches again (at most
+  one epoch's worth, once per resume).
+
+Bad data: a sample without the image field is skipped by the reader (``missing_component_behavior="skip"``)
+and counted from the index files before the run starts (``DaliLoader.skipped``). A sample whose image does not
+decode cannot be skipped: DALI decodes a batch at a time and cannot ask the reader for a replacement sample
+(NVIDIA/DALI#3913), so the loader stops with a :class:`ShardError` naming the shard and the key. A missing
+index file is written next to its shard (or, if that folder is read-only, reported with the ``wds2idx``
+command that writes it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data.loader import Batch, shard_order, steps_per_epoch
+from pipeline.data.recipes import Recipe, ViewSpec, build_recipe
+from pipeline.data.shards import ShardError, ShardSet, open_shards, write_dali_index
+from pipeline.distributed import DistEnv
+
+_SOURCE_INFO = re.compile(r"(?P<shard>[^\s:'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Index files
+
+
+@dataclass
+class ShardIndex:
+    """One shard as DALI will read it: tar, index file, and how many samples have every wanted field."""
+
+    tar: Path
+    index: Path
+    samples: int
+    usable: int
+
+
+def index_command(tar: Path, index: Path) -> str:
+    return f"wds2idx {tar} {index}"
+
+
+def ensure_index(tar: Path, index: Path, expected: int | None = None) -> None:
+    """Write ``index`` for ``tar`` if it is missing or does not match the manifest's sample count."""
+    if index.is_file():
+        with open(index) as f:
+            header = f.readline().split()
+        if len(header) == 2 and (expected is None or int(header[1]) == expected):
+            return
+        reason = f"index {index} does not match {tar} (header {' '.join(header)!r}, manifest: {expected} samples)"
+    else:
+        reason = f"index file {index} is missing"
+    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")  # ranks may write the same index at once
+    try:
+        write_dali_index(tar, tmp)
+        os.replace(tmp, index)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ShardError(f"{reason} and cannot be written ({exc}); create it with: {index_command(tar, index)}") from exc
+
+
+def read_index(tar: Path, index: Path, exts: list[set[str]]) -> ShardIndex:
+    """Count the samples of a DALI index (format v1.2: ``ext offset size name`` per component) that have a
+    component for every output (each output accepts a set of extensions)."""
+    with open(index) as f:
+        header = f.readline().split()
+        if len(header) != 2 or not header[0].startswith("v1."):
+            raise ShardError(f"{index} is not a DALI webdataset index; recreate it with: {index_command(tar, index)}")
+        samples = usable = 0
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            samples += 1
+            have = {parts[i] for i in range(0, len(parts), 4)}
+            usable += all(have & want for want in exts)
+    return ShardIndex(tar, index, samples, usable)
+
+
+def index_shards(shards: ShardSet, exts: list[set[str]]) -> list[ShardIndex]:
+    out = []
+    entries = shards.manifest.get("shards", [])
+    for i, tar in enumerate(shards.paths):
+        name = entries[i].get("index") if i < len(entries) else None
+        index = tar.parent / name if name else tar.with_suffix(".idx")
+        ensure_index(tar, index, shards.counts[i])
+        out.append(read_index(tar, index, exts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering a ViewSpec as DALI ops
+
+
+def render_dali(view: ViewSpec, images):
+    """One view of decoded HWC uint8 ``images`` (a DataNode, CPU or GPU) as DALI ops, in the order of
+    ``render_torchvision``: crop, flip, colour jitter, grayscale, blur, solarize, normalise -> float32 CHW.
+
+    Known differences from torchvision (same parameter ranges, slightly different operators): DALI's
+    ``color_twist`` applies brightness, contrast, saturation and hue in a fixed order (torchvision shuffles the
+    order), scales contrast around mid-grey 128 (torchvision: around the image's mean grey) and rotates hue in
+    YIQ space (torchvision: in HSV). Grayscale is saturation 0 in the same op (luma weights of ITU-R 601, as
+    torchvision). Must be called inside a pipeline built with ``enable_conditionals=True``.
+    """
+    from nvidia.dali import fn, types
+
+    size = [view.size, view.size]
+    if view.center:
+        out = fn.resize(images, resize_shorter=view.size, antialias=True)
+    else:
+        out = fn.random_resized_crop(images, size=size, random_area=list(view.scale),
+                                     random_aspect_ratio=list(view.ratio), num_attempts=10, antialias=True)
+    gray = None
+    if view.grayscale_prob:
+        gray = fn.cast(fn.random.coin_flip(probability=view.grayscale_prob), dtype=types.FLOAT)
+    if view.jitter_prob:
+        on = fn.cast(fn.random.coin_flip(probability=view.jitter_prob), dtype=types.FLOAT)
+
+        def factor(strength: float):  # torchvision: uniform in [max(0, 1 - s), 1 + s] when applied
+            if not strength:
+                return 1.0
+            return 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - strength), 1 + strength]) - 1.0)
+
+        saturation = factor(view.saturation)
+        if gray is not None:
+            saturation = saturation * (1.0 - gray)  # grayscale after jitter == saturation 0 in the same matrix
+        hue = on * fn.random.uniform(range=[-view.hue, view.hue]) * 360.0 if view.hue else 0.0
+        out = fn.color_twist(out, brightness=factor(view.brightness), contrast=factor(view.contrast),
+                             saturation=saturation, hue=hue)
+    elif gray is not None:
+        out = fn.hsv(out, saturation=1.0 - gray)
+    if view.blur_prob:
+        sigma = fn.random.uniform(range=list(view.blur_sigma))
+        if view.blur_prob >= 1:
+            out = fn.gaussian_blur(out, window_size=view.blur_kernel, sigma=sigma)
+        else:
+            out = _blur_sometimes(out, view, sigma)
+    if view.solarize_prob:
+        out = _solarize_sometimes(out, view.solarize_prob)
+    extra = {"crop": size} if view.center else {}
+    if view.flip_prob:
+        extra["mirror"] = fn.random.coin_flip(probability=view.flip_prob)
+    return fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in view.mean],
+                                    std=[255 * s for s in view.std], **extra)
+
+
+def _blur_sometimes(out, view: ViewSpec, sigma):
+    from nvidia.dali import fn, types
+
+    if fn.random.coin_flip(probability=view.blur_prob, dtype=types.BOOL):  # a DALI conditional: blurs only those
+        out = fn.gaussian_blur(out, window_size=view.blur_kernel, sigma=sigma)
+    return out
+
+
+def _solarize_sometimes(out, prob: float):
+    from nvidia.dali import fn, types
+
+    if fn.random.coin_flip(probability=prob, dtype=types.BOOL):
+        high = fn.cast(out >= 128, dtype=types.INT32)  # torchvision: invert pixels >= threshold 128
+        out = fn.cast(out + high * (255 - 2 * fn.cast(out, dtype=types.INT32)), dtype=types.UINT8)
+    return out
+
+
+def dali_pipeline(
+    recipe: Recipe, *, paths: list[str], index_paths: list[str], exts: list[str], batch_size: int, num_threads: int,
+    device_id: int | None, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int, reader_seed: int,
+    seed: int, prefetch: int, with_label: bool, with_text: bool,
+):
+    """Build (not start) the DALI pipeline of one epoch. Outputs: one tensor per view, ``source_info`` bytes
+    (``shard.tar:offset:member``, zero padded), then the label and caption bytes when present."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        wanted = [";".join(exts)] + (["cls"] if with_label else []) + (["txt"] if with_text else [])
+        fields = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, ext=wanted, missing_component_behavior="skip",
+            shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle and shuffle_buffer > 1,
+            initial_fill=max(1, shuffle_buffer), seed=reader_seed, name="reader",
+        )
+        fields = fields if isinstance(fields, (list, tuple)) else [fields]
+        encoded = fields[0]
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        views = [render_dali(v, images) for v in recipe.views]
+        meta = [fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)]
+        meta += [fn.pad(f, fill_value=0) for f in fields[1:]]
+        return (*views, *meta)
+
+    return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                 prefetch_queue_depth=prefetch, exec_dynamic=True)
+
+
+def _strings(t: torch.Tensor) -> list[str]:
+    arr = t.cpu().numpy().astype(np.uint8, copy=False)
+    return [row.tobytes().rstrip(b"\0").decode("utf-8", "replace") for row in arr]
+
+
+def _key_of(source_info: str) -> str:
+    m = _SOURCE_INFO.search(source_info)
+    member = m.group("member") if m else source_info
+    base = member.rsplit("/", 1)[-1]
+    return member[: len(member) - len(base)] + base.split(".", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loader
+
+
+class DaliLoader:
+    """The DALI backend of the :class:`~pipeline.data.loader.Loader` protocol."""
+
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, *, shards: str | None = None,
+                 recipe: Recipe | None = None, shuffle: bool = True) -> None:
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("loader.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
+                              "(or loader.backend=torch)") from exc
+        self.env, self.device = env, device
+        self.shards = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
+        self.recipe = recipe or build_recipe(cfg.augment)
+        fields = self.shards.manifest.get("fields", [])
+        if cfg.data.image_key == "auto":
+            self.image_exts = list(self.shards.manifest.get("image_keys") or [self.shards.image_key])
+        else:
+            self.image_exts = [cfg.data.image_key]
+        if not set(self.image_exts) & set(fields or self.image_exts):
+            raise ShardError(f"shards in {self.shards.root} have no {cfg.data.image_key!r} field "
+                             f"(fields: {fields}); set data.image_key")
+        if cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
+            raise NotImplementedError("the DALI backend reads labels from .cls and captions from .txt")
+        self.with_label = "cls" in fields
+        self.with_text = self.recipe.with_text and "txt" in fields
+        if self.recipe.with_text and not self.with_text:
+            raise ShardError(f"recipe {self.recipe.name!r} needs captions but {self.shards.root} has no txt field")
+        wanted = [set(self.image_exts)] + [{"cls"}] * self.with_label + [{"txt"}] * self.with_text
+        self.index = index_shards(self.shards, wanted)
+        self.num_samples = sum(s.usable for s in self.index)
+        self.skipped = sum(s.samples - s.usable for s in self.index)
+        """Samples the reader skips because they lack the image (or label/caption) field."""
+        self.batch_size, self.seed, self.shuffle = cfg.loader.batch_size, cfg.run.seed, shuffle
+        self.shuffle_buffer = cfg.loader.shuffle_buffer
+        self.num_threads = max(1, cfg.loader.num_workers)
+        self.prefetch = max(1, cfg.loader.prefetch_factor)
+        self.steps_per_epoch = steps_per_epoch(self.num_samples, self.batch_size, env.world_size)
+        if self.steps_per_epoch == 0:
+            raise ShardError(f"{self.shards.root} has {self.num_samples} readable samples: fewer than one global "
+                             f"batch ({self.batch_size} x {env.world_size} ranks)")
+        if self.skipped and env.is_main:
+            print(f"dali loader: skipping {self.skipped} samples of {self.shards.root} without a "
+                  f"{'/'.join(self.image_exts)} field")
+        self.epoch, self.batch = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            for batch in self._epoch_batches(self.epoch, self.batch):
+                self.batch += 1
+                yield batch
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def _seeds(self, epoch: int) -> tuple[int, int]:
+        base = (self.seed * 1_000_003 + epoch) * 1_009 + self.env.rank
+        return base % (2**31 - 1), (base * 7_919 + 17) % (2**31 - 1)
+
+    def build_pipeline(self, epoch: int):
+        order = shard_order(len(self.index), self.seed, epoch, self.shuffle)
+        reader_seed, seed = self._seeds(epoch)
+        gpu = self.device.type == "cuda"
+        return dali_pipeline(
+            self.recipe, paths=[str(self.index[i].tar) for i in order],
+            index_paths=[str(self.index[i].index) for i in order], exts=self.image_exts,
+            batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=(self.device.index if self.device.index is not None else self.env.local_rank) if gpu else None,
+            shard_id=self.env.rank, num_shards=self.env.world_size, shuffle=self.shuffle,
+            shuffle_buffer=self.shuffle_buffer, reader_seed=reader_seed, seed=seed, prefetch=self.prefetch,
+            with_label=self.with_label, with_text=self.with_text,
+        )
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        pipe = self.build_pipeline(epoch)
+        n_views = len(self.recipe.views)
+        names = [f"view{i}" for i in range(n_views)] + ["source_info"]
+        names += ["label"] * self.with_label + ["text"] * self.with_text
+        # No reader_name/size: the iterator would stop at the end of this rank's range, which may hold a few
+        # more batches than steps_per_epoch; we take exactly steps_per_epoch and drop the pipeline.
+        it = DALIGenericIterator([pipe], names, size=-1, auto_reset=False, prepare_first_batch=False)
+        try:
+            for b in range(self.steps_per_epoch):
+                try:
+                    out = next(it)[0]
+                except StopIteration:
+                    raise ShardError(f"rank {self.env.rank}: DALI ran out of samples at batch {b} of epoch {epoch}")
+                except RuntimeError as exc:
+                    if "decoders" not in str(exc):
+                        raise
+                    raise self._decode_error(exc, epoch, b) from exc
+                if b < skip:
+                    continue  # fast-forward of a resumed epoch: same seeds, so the kept batches are exact
+                yield self._to_batch(out, n_views)
+        finally:
+            del it, pipe
+
+    def _to_batch(self, out: dict[str, torch.Tensor], n_views: int) -> Batch:
+        views = [out[f"view{i}"].to(self.device, non_blocking=True) for i in range(n_views)]
+        keys = [_key_of(s) for s in _strings(out["source_info"])]
+        b = len(keys)
+        if self.with_label:
+            labels = torch.tensor([int(s) if s.strip() else -1 for s in _strings(out["label"])], dtype=torch.long)
+        else:
+            labels = torch.full((b,), -1, dtype=torch.long)
+        texts = _strings(out["text"]) if self.with_text else None
+        return Batch(views, labels.to(self.device, non_blocking=True), texts, keys)
+
+    def _decode_error(self, exc: RuntimeError, epoch: int, batch: int) -> ShardError:
+        """Name the shard and key of an image DALI could not decode: from DALI's message when it gives the
+        sample, else by checking the image headers of the shards (only on this error path)."""
+        msg = str(exc)
+        bad = [f"{m.group('shard')}:{_key_of(m.group(0))}" for m in _SOURCE_INFO.finditer(msg)]
+        if not bad:
+            bad = find_undecodable(self.index, self.image_exts)
+        where = ", ".join(dict.fromkeys(bad)) or "(not found by a header check: see DALI's message below)"
+        first = msg.strip().splitlines()
+        detail = next((ln for ln in reversed(first) if ln.strip() and "no longer valid" not in ln), "")
+        return ShardError(
+            f"rank {self.env.rank}, epoch {epoch}, batch {batch}: DALI could not decode the image of {where}. "
+            f"DALI cannot drop one sample from a batch, so bad images must leave the shards: rewrite them with "
+            f"`pipeline shards write` (it decode-checks every image) or use loader.backend=torch to locate more. "
+            f"DALI said: {detail}"
+        )
+
+
+def find_undecodable(index: list[ShardIndex], exts: list[str], limit: int = 10) -> list[str]:
+    """``shard:key`` of images whose header PIL cannot identify (garbage, empty or mislabelled files)."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad: list[str] = []
+    for shard in index:
+        with open(shard.index) as f, open(shard.tar, "rb") as tar:
+            f.readline()
+            for line in f:
+                parts = line.split()
+                for i in range(0, len(parts), 4):
+                    ext, offset, size, name = parts[i : i + 4]
+                    if ext not in exts:
+                        continue
+                    tar.seek(int(offset))
+                    data = tar.read(int(size))
+                    try:
+                        import io
+
+                        Image.open(io.BytesIO(data))
+                    except (UnidentifiedImageError, OSError, ValueError):
+                        bad.append(f"{shard.tar}:{_key_of(name)}")
+                        if len(bad) >= limit:
+                            return bad
+    return bad
+
+
+def render_arrays(view: ViewSpec, images: list[np.ndarray], seed: int = 0, num_threads: int = 1) -> np.ndarray:
+    """Render ``view`` on HWC uint8 arrays on DALI's CPU backend (recipe checks and debugging): N x C x H x W."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        return render_dali(view, fn.external_source(source=lambda: images, batch=True, layout="HWC"))
+
+    pipe = graph(batch_size=len(images), num_threads=num_threads, device_id=None, seed=seed)
+    pipe.build()
+    (out,) = pipe.run()
+    return np.stack([np.array(out[i]) for i in range(len(images))])

@@ -1,0 +1,203 @@
+"""DeepSpeed ZeRO-1/2/3 engine: DeepSpeed owns backward, gradient accumulation, clipping, the optimizer and
+schedule step, and the checkpoint files; we hand it our optimizer (``torch.optim.AdamW``, no extension to
+compile) and our schedule, and a ds_config generated from our config.
+
+On CPU, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported and collectives go over gloo. The first
+process group DeepSpeed wraps on a machine compiles its ``deepspeed_shm_comm`` extension (~35 s); it is cached
+under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) for every later run.
+
+EMA teachers: ZeRO-1/2 partition only optimizer state (and gradients), so every rank holds full teacher and
+student parameters and ``ema_update`` lerps them whole. ZeRO-3 partitions every module parameter, frozen ones
+included, the same way for the same shape: ``ema_update`` lerps the teacher's ``ds_tensor`` partitions toward
+the student's (and the gathered copies of "persistent" small parameters), so teachers are sharded alongside.
+Checkpoints keep frozen parameters (``exclude_frozen_parameters=False``) and zero_to_fp32 restores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ConfigError
+from pipeline.data.loader import Batch
+from pipeline.distributed import DistEnv
+from pipeline.engines.base import Engine
+from pipeline.methods.base import Method
+
+TAG = "ds"
+"""DeepSpeed checkpoint tag: files go to ``<checkpoint>/ds/``."""
+
+
+def _import_deepspeed(device_type: str):
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def ds_config(cfg, world_size: int, bf16: bool) -> dict[str, Any]:
+    """The ds_config DeepSpeed runs with, derived from our config tree (never written by hand)."""
+    e, o = cfg.engine, cfg.optim
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if e.offload == "params":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.loader.batch_size,
+        "gradient_accumulation_steps": o.accumulation_steps,
+        "train_batch_size": cfg.loader.batch_size * o.accumulation_steps * world_size,
+        # DeepSpeed clips at 1.0 unless told otherwise: always say what we mean (0 disables).
+        "gradient_clipping": float(o.clip_grad_norm),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16, "check_grad_overflow": cfg.train.nan_policy == "skip"},
+        "zero_allow_untested_optimizer": True,  # our torch.optim.AdamW
+        "zero_force_ds_cpu_optimizer": False,  # ... also under ZeRO-Offload
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["communication_data_type"] = "bf16" if e.reduce_dtype == "bf16" else "fp32"
+    return _merge(config, e.ds_config)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _init_single_process_group(device: torch.device) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+def _forget_stale_groups() -> None:
+    """DeepSpeed caches the process groups it derives from the world group in module globals. When a process
+    trains twice (tests, notebooks, Ray workers) and the first group was destroyed with torch's
+    ``destroy_process_group``, the cache points at a dead group: drop it so DeepSpeed derives fresh ones."""
+    from deepspeed.utils import groups
+
+    cached = groups._WORLD_GROUP
+    if cached is None:
+        return
+    try:
+        dist.get_process_group_ranks(cached)
+    except (KeyError, ValueError, RuntimeError):
+        groups._release_process_group_references(group=None)
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg, env: DistEnv, device: torch.device) -> None:
+        super().__init__(cfg, env, device)
+        if cfg.train.nan_policy == "skip" and self.dtype is None:
+            raise ConfigError("train.nan_policy=skip with engine.name=deepspeed needs bf16 (DeepSpeed's "
+                              "check_grad_overflow): in fp32 DeepSpeed's step cannot skip an update")
+        self.ds = None
+        self._skipped = 0
+
+    def _wrap(self, method: Method, total_steps: int) -> None:
+        deepspeed = _import_deepspeed(self.device.type)
+        if not dist.is_initialized():
+            # One process: DeepSpeed still wants a process group. train() destroys it at the end, as it does
+            # any group that did not exist when it started.
+            _init_single_process_group(self.device)
+        _forget_stale_groups()
+        method.to(self.device)
+        if self.cfg.model.grad_checkpointing and hasattr(method.encoder, "set_grad_checkpointing"):
+            method.encoder.set_grad_checkpointing(True)
+        if self.cfg.engine.compile:
+            for block in method.blocks():
+                block.compile()
+        self.build_optimizer(method, total_steps)
+        world = dist.get_world_size()
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=method, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            config=ds_config(self.cfg, world, bf16=self.dtype is not None), dist_init_required=False,
+        )
+        self.model = self.ds
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def micro_step(self, batch: Batch, sync: bool, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DeepSpeed divides the loss by ``gradient_accumulation_steps`` itself (= 1/``scale``) and reduces
+        gradients only on the accumulation boundary, which it tracks by counting ``step()`` calls: off the
+        boundary, ``step()`` only advances that count."""
+        if self.dtype is not None:  # bf16 parameters: feed bf16 images
+            batch = dataclasses.replace(batch, views=[v.to(self.dtype) for v in batch.views])
+        with self.autocast():
+            loss, metrics = self.ds(batch)
+        self.ds.backward(loss)
+        if not sync:
+            self.ds.step()
+        return loss.detach().float(), metrics
+
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor | None:
+        """The optimizer step: clipping, AdamW, schedule and zeroing, all inside DeepSpeed's ``step``.
+        Returns DeepSpeed's pre-clip global gradient norm, or None for a step DeepSpeed skipped (bf16
+        ``check_grad_overflow``, enabled by ``train.nan_policy=skip``)."""
+        self.ds.step()
+        skipped = self.ds.skipped_steps
+        if skip_nonfinite and skipped > self._skipped:
+            self._skipped = skipped
+            return None
+        norm = self.ds.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32)
+
+    def zero_grad(self) -> None:
+        self.ds.zero_grad()
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        self.ds.save_checkpoint(str(path), tag=TAG, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.ds.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")
+        self._skipped = self.ds.skipped_steps
+
+    def method_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.cfg.engine.zero_stage == 3:
+            # Gathers one module at a time onto rank 0 (what the engine's own model computes with).
+            sd = self.ds._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
+        return sd if self.env.is_main else None
+
+    @classmethod
+    def read_model_state(cls, path: Path, method: Method) -> dict[str, torch.Tensor]:
+        """The zero_to_fp32 consolidation: fp32 master weights (frozen teacher parameters included) from every
+        rank's partition files, in this process alone."""
+        _import_deepspeed("cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG))
+        expected = method.state_dict()
+        missing = set(expected) - set(sd)
+        module_file = path / TAG / "mp_rank_00_model_states.pt"
+        if missing and module_file.is_file():
+            # ZeRO-1 records no frozen parameters for zero_to_fp32 (ZeRO-2/3 do), but being unpartitioned they
+            # are whole in the module state rank 0 saved.
+            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            for k in missing & set(module):
+                if module[k].shape == expected[k].shape:
+                    sd[k] = module[k]
+        missing = sorted(set(expected) - set(sd))
+        if missing:
+            raise KeyError(f"{path}: the consolidated DeepSpeed state lacks {missing[:5]} ({len(missing)} in all)")
+        return {k: sd[k] for k in expected}

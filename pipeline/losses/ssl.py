@@ -1,0 +1,186 @@
+"""Losses of the self-supervised methods, as pure functions of features.
+
+Two conventions for cross-rank terms, both exact under DDP's averaging of parameter gradients over W ranks:
+
+* **local loss, gathered keys** (MoCo v3, CLIP/SigLIP with ``local_loss``): each rank scores its own rows
+  against keys gathered from every rank; the mean of the W rank losses is the single-process loss on the
+  concatenated batch, and ``gather_features``'s summing backward routes every rank's gradient to the key owner.
+* **global loss** (CLIP without ``local_loss``, Barlow Twins, VICReg): every rank computes the same loss from
+  global quantities (gathered features or statistics summed with ``all_reduce_sum``); the summing backward
+  multiplies each local gradient by W and DDP divides it back.
+
+Formulas follow the reference code: MoCo v3 (facebookresearch/moco-v3 ``builder.py``), BYOL (``2 - 2 cos``),
+Barlow Twins (facebookresearch/barlowtwins ``main.py``), VICReg (facebookresearch/vicreg ``main_vicreg.py``),
+DINO (facebookresearch/dino ``DINOLoss``), MAE (facebookresearch/mae ``models_mae.py``), CLIP (open_clip
+``ClipLoss``) and SigLIP (open_clip ``SigLipLoss``; Zhai et al. 2023).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses.gather import all_reduce_sum, all_reduce_sum_no_grad, gather_features, world
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contrastive
+
+
+def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3: local queries against keys of the global batch, positive at ``rank * B + i``, scaled by 2T.
+
+    ``k`` comes from the momentum encoder (no gradient); each rank returns the loss of its own queries.
+    """
+    rank, _ = world()
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(gather_features(k.detach().float()), dim=1)
+    logits = q @ k.T / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, local_loss: bool = False
+              ) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch (open_clip ``ClipLoss``); ``img``, ``txt`` L2-normalised.
+
+    ``local_loss=False``: every rank builds the full N x N logits (identical loss everywhere).
+    ``local_loss=True``: each rank scores only its B images (texts) against all N texts (images), labels offset
+    by ``rank * B``; the mean over ranks is the same loss, at B/N of the memory.
+    """
+    rank, _ = world()
+    all_img, all_txt = gather_features(img), gather_features(txt)
+    if local_loss:
+        labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
+        logits_img = logit_scale * img @ all_txt.T
+        logits_txt = logit_scale * txt @ all_img.T
+    else:
+        labels = torch.arange(all_img.shape[0], device=img.device)
+        logits_img = logit_scale * all_img @ all_txt.T
+        logits_txt = logits_img.T
+    return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
+
+
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+                ) -> torch.Tensor:
+    """Sigmoid loss: -(1/B) sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b)), z_ij = 1 if i == j else -1.
+
+    Each rank scores its B images against all N texts (gathered with autograd; the paper's ring exchange
+    computes the same sum); the mean over ranks is the single-process loss on the concatenated batch.
+    """
+    rank, _ = world()
+    all_txt = gather_features(txt)
+    logits = logit_scale * img @ all_txt.T + logit_bias
+    b = img.shape[0]
+    signs = -torch.ones_like(logits)
+    idx = torch.arange(b, device=img.device)
+    signs[idx, idx + rank * b] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distillation without negatives
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Normalised MSE ``2 - 2 cos(p, z)`` per sample, averaged; ``z`` (the target) is detached."""
+    p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)
+    return (2 - 2 * (p * z).sum(dim=-1)).mean()
+
+
+def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+              student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """DINO cross-entropy between the centred, sharpened teacher on each global view and the student on every
+    other view, averaged over the (teacher view, student view) pairs. All per-sample: no cross-rank term."""
+    targets = [F.softmax((t.detach().float() - center) / teacher_temp, dim=-1) for t in teacher]
+    logps = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
+    total, terms = 0.0, 0
+    for iq, q in enumerate(targets):
+        for v, logp in enumerate(logps):
+            if v == iq:
+                continue
+            total = total + (-q * logp).sum(dim=-1).mean()
+            terms += 1
+    return total / terms
+
+
+@torch.no_grad()
+def dino_batch_center(teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean teacher output over all global views of the global batch (summed over ranks, no gradient)."""
+    out = torch.cat(teacher).float()
+    _, ws = world()
+    return all_reduce_sum_no_grad(out.sum(dim=0, keepdim=True)) / (out.shape[0] * ws)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Redundancy reduction with global batch statistics
+
+
+def _global_count(x: torch.Tensor) -> int:
+    _, ws = world()
+    return x.shape[0] * ws  # the loaders give every rank the same batch size
+
+
+def global_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(z - mean) / sqrt(var + eps) with the mean and biased variance of the global batch (what a synced
+    BatchNorm without affine does in training), differentiable through both statistics."""
+    n = _global_count(z)
+    mean = all_reduce_sum(z.sum(dim=0)) / n
+    var = all_reduce_sum(((z - mean) ** 2).sum(dim=0)) / n
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
+    """sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, with C the cross-correlation of the two views'
+    embeddings standardised over the global batch: C = sum_n z1n^T z2n / N."""
+    z1, z2 = global_standardize(z1.float()), global_standardize(z2.float())
+    c = all_reduce_sum(z1.T @ z2) / _global_count(z1)
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    return on_diag + lambd * off_diagonal(c).pow(2).sum()
+
+
+def vicreg_loss(x: torch.Tensor, y: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                cov_coeff: float = 1.0, eps: float = 1e-4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VICReg: invariance (MSE), variance (hinge on the std of each dimension) and covariance (squared
+    off-diagonal covariances / D), every term over the global batch. Returns the loss and its three terms."""
+    x, y = x.float(), y.float()
+    n, d = _global_count(x), x.shape[1]
+    invariance = all_reduce_sum((x - y).pow(2).sum()) / (n * d)
+    std_loss, cov_loss = 0.0, 0.0
+    for z in (x, y):
+        zc = z - all_reduce_sum(z.sum(dim=0)) / n
+        cov = all_reduce_sum(zc.T @ zc) / (n - 1)  # unbiased, as torch.var and the reference code
+        std = torch.sqrt(torch.diagonal(cov) + eps)
+        std_loss = std_loss + F.relu(1 - std).mean() / 2
+        cov_loss = cov_loss + off_diagonal(cov).pow(2).sum() / d
+    loss = sim_coeff * invariance + std_coeff * std_loss + cov_coeff * cov_loss
+    return loss, {"invariance": invariance.detach(), "variance": std_loss.detach(), "covariance": cov_loss.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reconstruction
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """N x C x H x W -> N x L x (p * p * C), patches in row-major order, pixels as (p, p, C) (MAE's layout)."""
+    n, c, h, w = imgs.shape
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+             norm_pix: bool = True) -> torch.Tensor:
+    """Mean squared error on the masked patches (``mask`` 1 = removed); targets normalised per patch by their
+    mean and (unbiased) variance when ``norm_pix``."""
+    target = patchify(imgs.float(), patch_size)
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()

@@ -1,0 +1,111 @@
+"""MAE (He et al. 2022): encode a random 25% of the patches with the ViT, reconstruct the rest with a light
+decoder, loss on the masked patches' normalised pixels. Only ``encoder`` (the plain timm ViT) is exported."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ConfigError
+from pipeline.data.loader import Batch
+from pipeline.losses.ssl import mae_loss
+from pipeline.methods.base import Method
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (1 x H*W x dim), as MAE's decoder uses."""
+    if dim % 4:
+        raise ConfigError(f"method.mae.decoder_dim must be a multiple of 4, got {dim}")
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed(xs), embed(ys)], dim=1).float().unsqueeze(0)
+
+
+def random_masking(n: int, length: int, ratio: float, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random subset of ``length * (1 - ratio)`` patches: (kept indices, mask 1=removed, restore)."""
+    keep = max(1, int(length * (1 - ratio)))
+    ids_shuffle = torch.rand(n, length, device=device).argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = torch.ones(n, length, device=device)
+    mask[:, :keep] = 0
+    return ids_shuffle[:, :keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+
+class MAE(Method):
+    recipe = "mae"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        from timm.models.vision_transformer import Block
+
+        enc, c = self.encoder, cfg.method.mae
+        if not hasattr(enc, "patch_embed") or getattr(enc, "pos_embed", None) is None:
+            raise ConfigError(f"MAE needs a ViT with absolute position embeddings, got {cfg.model.name}")
+        self.mask_ratio, self.norm_pix = c.mask_ratio, c.norm_pix_loss
+        self.patch_size = enc.patch_embed.patch_size[0]
+        self.grid = tuple(enc.patch_embed.grid_size)
+        self.decoder_embed = nn.Linear(self.embed_dim, c.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(c.decoder_dim, self.grid), persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(c.decoder_dim, c.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(c.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(c.decoder_dim)
+        self.decoder_pred = nn.Linear(c.decoder_dim, self.patch_size ** 2 * 3)
+
+    def encode_visible(self, imgs: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_features`` with the masked patches dropped after the position embedding."""
+        enc = self.encoder
+        x = enc.patch_embed(imgs)
+        x = x.flatten(1, 2) if x.ndim == 4 else x  # dynamic_img_size gives B x H x W x D
+        npre = enc.num_prefix_tokens
+        pos = enc.pos_embed
+        patch_pos, prefix_pos = (pos, None) if enc.no_embed_class else (pos[:, npre:], pos[:, :npre])
+        if patch_pos.shape[1] != x.shape[1]:
+            raise ValueError(f"MAE: {x.shape[1]} patches but {patch_pos.shape[1]} position embeddings")
+        x = x + patch_pos
+        x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, enc.reg_token) if t is not None]
+        if prefix:
+            prefix = torch.cat(prefix, dim=1)
+            x = torch.cat([prefix if prefix_pos is None else prefix + prefix_pos, x], dim=1)
+        x = enc.norm_pre(enc.pos_drop(x))
+        if getattr(enc, "grad_checkpointing", False) and self.training:
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(enc.blocks, x)
+        else:
+            x = enc.blocks(x)
+        return enc.norm(x)
+
+    def decode(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        npre = self.encoder.num_prefix_tokens
+        x = self.decoder_embed(x)
+        prefix, visible = x[:, :npre], x[:, npre:]
+        n, length = ids_restore.shape
+        full = torch.cat([visible, self.mask_token.to(x.dtype).expand(n, length - visible.shape[1], -1)], dim=1)
+        full = torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+        x = torch.cat([prefix, full + self.decoder_pos_embed.to(x.dtype)], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, npre:]
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        imgs = batch.views[0]
+        length = math.prod(self.grid)
+        keep_idx, mask, ids_restore = random_masking(imgs.shape[0], length, self.mask_ratio, imgs.device)
+        pred = self.decode(self.encode_visible(imgs, keep_idx), ids_restore)
+        return mae_loss(pred, imgs, mask, self.patch_size, self.norm_pix), {}
+
+    def blocks(self) -> list[nn.Module]:
+        return super().blocks() + list(self.decoder_blocks)

@@ -1,0 +1,442 @@
+"""DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 on 2 real gloo ranks (CPU), training real Fashion-MNIST shards.
+
+One spawn per engine runs every scenario in the same two processes (spawning and importing torch, timm and
+DeepSpeed costs far more than the tiny runs themselves):
+
+- SimCLR, 6 steps: the per-step loss trajectory, compared across engines (fp32: within ``RTOL``/``ATOL``;
+  on this machine they are bitwise equal);
+- the export written by ``train()`` (the engine's ``method_state_dict``), loaded strictly into timm, gives
+  the features of the engine's own (wrapped, sharded) model, and so does the offline export through
+  ``read_model_state`` (zero_to_fp32 for DeepSpeed); every engine's file has the same keys, shapes, dtypes;
+- a method with an EMA teacher (``EMASimCLR`` below): same trajectory as under DDP, teacher held as documented
+  (replicated under DDP and ZeRO-1/2, sharded like the student under FSDP2 and ZeRO-3);
+- save at step 3, crash at step 4 (every rank raises, as a killed job would stop), resume in the same run
+  directory: same losses and the same weights (student, projector, teacher) as the uninterrupted run;
+- FSDP2 only: the 2-rank checkpoint loads on 1 rank with identical state, and training resumes there.
+
+DeepSpeed's ``deepspeed_shm_comm`` extension compiles on the first run on a machine (~35 s alone, minutes on
+a busy machine); it is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so
+later runs only load it. The ZeRO tests trigger that build once, in the first DeepSpeed spawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multirank import free_port, run_ranks
+from conftest import tiny_overrides
+from pipeline.data.loader import Batch
+from pipeline.losses.contrastive import nt_xent
+from pipeline.methods import METHODS
+from pipeline.methods.simclr import SimCLR
+from pipeline.models import ema_update
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+RTOL, ATOL = 1e-5, 1e-6
+"""fp32 agreement of loss trajectories and weights across engines (different reduction orders may differ in
+the last bits; nothing here is allowed to differ by more)."""
+FEATURE_ATOL = 1e-5
+
+ENGINES = {
+    "ddp": {"engine.name": "ddp"},
+    "fsdp": {"engine.name": "fsdp"},
+    "zero1": {"engine.name": "deepspeed", "engine.zero_stage": 1},
+    "zero2": {"engine.name": "deepspeed", "engine.zero_stage": 2},
+    # Small parameters stay gathered under ZeRO-3 ("persistent"); at 1000 elements the tiny ViT has both kinds,
+    # so the EMA update is tested on partitions and on persistent parameters.
+    "zero3": {"engine.name": "deepspeed", "engine.zero_stage": 3,
+              "engine.ds_config": {"zero_optimization": {"stage3_param_persistence_threshold": 1000}}},
+}
+
+
+class EMASimCLR(SimCLR):
+    """Test-only two-network method: SimCLR plus an EMA copy of the encoder whose features the student's are
+    pulled toward. The teacher changes the loss (and so the trajectory) from step 2 on, so a teacher held or
+    updated wrongly under any engine shows up as a different trajectory."""
+
+    momentum = 0.9
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+
+    def forward(self, batch: Batch):
+        b = batch.size
+        x = torch.cat(batch.views[:2])
+        h = self.encoder(x)
+        z = self.projector(h)
+        with torch.no_grad():
+            t = self.teacher(x)
+        loss = nt_xent(z[:b], z[b:], self.temperature, self.local_loss)
+        return loss + (1 - F.cosine_similarity(h, t, dim=-1)).mean(), {}
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        ema_update(self.teacher, self.encoder, self.momentum)
+
+    def teacher_blocks(self):
+        return list(self.teacher.blocks)
+
+
+METHODS["simclr_ema_test"] = EMASimCLR
+
+
+def _probe_images() -> torch.Tensor:
+    return torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(123))
+
+
+def _config(shards, run_dir: Path, engine: str, **extra):
+    from pipeline.config import load_config
+
+    # No loader worker processes: fewer processes on a 2-core machine, and no fork of a rank process that
+    # already runs gloo and DeepSpeed threads.
+    overrides = {**ENGINES[engine], "metrics.log_every": 1, "checkpoint.keep_last": 3, "loader.num_workers": 0,
+                 **extra}
+    return load_config(QUICKSTART, tiny_overrides(shards, run_dir, **overrides))
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]  # a resumed run appends: the later record of a step wins
+    return out
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_at(step: int):
+    def report(metrics):
+        if metrics["step"] == step:
+            raise _Crash(f"simulated kill at step {step}")
+
+    return report
+
+
+def _train(cfg, port: int, report=None):
+    import os
+
+    from pipeline.trainer import train
+
+    os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous per run in this process
+    return train(cfg, report)
+
+
+def _held(method) -> dict[str, list]:
+    """How this rank holds each network's parameters: (kind, global shape, numel held here)."""
+    def kind(p):
+        if hasattr(p, "ds_tensor"):
+            return ("zero3", tuple(p.ds_shape), p.ds_tensor.numel())
+        if hasattr(p, "to_local"):
+            return (f"dtensor{tuple(str(x) for x in p.placements)}", tuple(p.shape), p.to_local().numel())
+        return ("tensor", tuple(p.shape), p.numel())
+
+    return {"encoder": [kind(p) for p in method.encoder.parameters()],
+            "teacher": [kind(p) for p in method.teacher.parameters()]}
+
+
+def _inspect(cfg, ckpt: Path, port: int) -> dict:
+    """Set up the engine afresh, load ``ckpt`` and report what the engine's own model computes and holds."""
+    import os
+
+    from pipeline.distributed import destroy_distributed, init_distributed, pick_device, read_dist_env
+    from pipeline.engines import build_engine
+    from pipeline.methods import build_method
+    from pipeline.trainer import seed_everything
+
+    os.environ["MASTER_PORT"] = str(port)
+    env = read_dist_env()
+    device = pick_device(env, "cpu")
+    init_distributed(env, device, "gloo")
+    try:
+        seed_everything(cfg.run.seed)
+        method = build_method(cfg)
+        engine = build_engine(cfg, env, device)
+        engine.setup(method, cfg.train.steps)
+        engine.load(ckpt)
+        captured = []
+        hook = method.encoder.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
+        x = _probe_images()
+        with torch.no_grad():
+            engine.model(Batch([x, x]))
+        hook.remove()
+        state = engine.method_state_dict()
+        return {"features": captured[0][: len(x)], "held": _held(method) if hasattr(method, "teacher") else None,
+                "state": state, "lr": engine.lr}
+    finally:
+        destroy_distributed()
+
+
+def _scenario(engine: str, shards, root: Path, ports: list[int]) -> dict:
+    """Everything one engine is tested on, run on each of the 2 ranks."""
+    import faulthandler
+
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(480, exit=True)  # a hang shows its stacks instead of a bare timeout
+    out: dict = {}
+    simclr = root / "simclr"
+    _train(_config(shards, simclr, engine), ports[0])
+    out["simclr"] = {"run": str(simclr), "losses": _losses(simclr),
+                     "own": _inspect(_config(shards, simclr, engine), simclr / "checkpoints" / "latest", ports[1])}
+
+    ema_cfg = {"method.name": "simclr_ema_test"}
+    ema = root / "ema"
+    _train(_config(shards, ema, engine, **ema_cfg), ports[2])
+    crashed = root / "ema_resumed"
+    try:
+        _train(_config(shards, crashed, engine, **ema_cfg), ports[3], report=_crash_at(4))
+        raise AssertionError("the run was meant to crash at step 4")
+    except _Crash:
+        pass
+    assert not dist.is_initialized()
+    after_crash = sorted(p.name for p in (crashed / "checkpoints").glob("step_*"))
+    summary = _train(_config(shards, crashed, engine, **ema_cfg), ports[4])
+    out["ema"] = {"run": str(ema), "losses": _losses(ema), "after_crash": after_crash,
+                  "resumed": {"run": str(crashed), "losses": _losses(crashed), "steps": summary["steps"]},
+                  "own": _inspect(_config(shards, ema, engine, **ema_cfg), ema / "checkpoints" / "latest", ports[5])}
+    faulthandler.cancel_dump_traceback_later()
+    return _portable(out)
+
+
+def _portable(obj):
+    """Tensors as numpy arrays: torch.multiprocessing would pass tensors through shared memory handles that
+    die with the rank process that made them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_portable(v) for v in obj)
+    return obj
+
+
+def _tensors(obj):
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors(v) for v in obj)
+    return obj
+
+
+_RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def scenario(fmnist_shards, tmp_path_factory):
+    def get(engine: str) -> dict:
+        if engine not in _RESULTS:
+            root = tmp_path_factory.mktemp(engine)
+            ports = [free_port() for _ in range(6)]
+            try:
+                _RESULTS[engine] = _tensors(run_ranks(_scenario, engine, fmnist_shards, root, ports, init_pg=False)[0])
+            except RuntimeError as exc:  # fail every test of this engine with the ranks' error, run it once
+                _RESULTS[engine] = exc
+        if isinstance(_RESULTS[engine], Exception):
+            raise _RESULTS[engine]
+        return _RESULTS[engine]
+
+    return get
+
+
+def _assert_state_close(a: dict, b: dict, what: str) -> None:
+    assert sorted(a) == sorted(b), what
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {k}: {m}")
+
+
+# -- every engine ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_loss_trajectory_matches_ddp(scenario, engine):
+    ref, got = scenario("ddp"), scenario(engine)
+    for method in ("simclr", "ema"):
+        r, g = ref[method]["losses"], got[method]["losses"]
+        assert sorted(g) == list(range(1, 7))
+        torch.testing.assert_close(torch.tensor([g[s] for s in sorted(g)], dtype=torch.float64),
+                                   torch.tensor([r[s] for s in sorted(r)], dtype=torch.float64), rtol=RTOL, atol=ATOL)
+    # the teacher matters: the EMA method's trajectory is not SimCLR's
+    assert got["ema"]["losses"][6] != pytest.approx(got["simclr"]["losses"][6])
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_resume_after_crash_reaches_the_same_weights(scenario, engine):
+    from pipeline.engines import engine_class
+    from pipeline.methods import build_method
+
+    res = scenario(engine)["ema"]
+    assert res["after_crash"] == ["step_00000003"]  # killed after the step-3 checkpoint, before step 6
+    assert res["resumed"]["steps"] == 6
+    losses, resumed = res["losses"], res["resumed"]["losses"]
+    torch.testing.assert_close(torch.tensor([resumed[s] for s in range(1, 7)]),
+                               torch.tensor([losses[s] for s in range(1, 7)]), rtol=RTOL, atol=ATOL)
+    cfg = _config({"train": "", "test": ""}, Path(res["run"]), engine, **{"method.name": "simclr_ema_test"})
+    cls = engine_class(cfg.engine.name)
+    full = cls.read_model_state(Path(res["run"]) / "checkpoints" / "step_00000006", build_method(cfg))
+    again = cls.read_model_state(Path(res["resumed"]["run"]) / "checkpoints" / "step_00000006", build_method(cfg))
+    assert any(k.startswith("teacher.") for k in full)
+    _assert_state_close(again, full, f"{engine}: resumed vs uninterrupted")
+    # the teacher really is an EMA, not a copy of the student
+    assert not torch.equal(full["teacher.blocks.0.attn.qkv.weight"], full["encoder.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_export_loads_strictly_into_timm_with_the_engine_features(scenario, engine, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.engines import engine_class
+    from pipeline.export import WEIGHTS, export_encoder, load_exported
+    from pipeline.methods import build_method
+
+    res = scenario(engine)["simclr"]
+    run = Path(res["run"])
+    x = _probe_images()
+    own = res["own"]["features"]
+    with torch.no_grad():
+        exported = load_exported(run / "export")(x)  # strict=True inside
+    torch.testing.assert_close(exported, own, rtol=0, atol=FEATURE_ATOL)
+
+    # offline, one process, no process group: the CLI's `pipeline export` path (zero_to_fp32 for DeepSpeed)
+    cfg = _config({"train": "", "test": ""}, run, engine)
+    state = engine_class(cfg.engine.name).read_model_state(run / "checkpoints" / "latest", build_method(cfg))
+    export_encoder(state, cfg, tmp_path / "offline")
+    with torch.no_grad():
+        offline = load_exported(tmp_path / "offline")(x)
+    torch.testing.assert_close(offline, own, rtol=0, atol=FEATURE_ATOL)
+
+    # the same file format whichever engine trained it
+    ref = load_file(str(Path(scenario("ddp")["simclr"]["run"]) / "export" / WEIGHTS))
+    got = load_file(str(run / "export" / WEIGHTS))
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in ref.items()}
+    assert json.loads((run / "export" / "config.json").read_text())["timm_kwargs"] == \
+        json.loads((Path(scenario("ddp")["simclr"]["run"]) / "export" / "config.json").read_text())["timm_kwargs"]
+
+
+TEACHER_ENGINE_KIND = {"ddp": "tensor", "zero1": "tensor", "zero2": "tensor", "fsdp": "dtensor('S(0)',)",
+                       "zero3": "zero3"}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_teacher_is_held_like_the_student(scenario, engine):
+    """Replicated (whole tensors) under DDP and ZeRO-1/2; sharded exactly like the student under FSDP2
+    (Shard(0) DTensors) and ZeRO-3 (partitions of ceil(numel / 2) per rank)."""
+    held = scenario(engine)["ema"]["own"]["held"]  # rank 0's view
+    assert held["teacher"] == held["encoder"]
+    kinds = {k for k, _, _ in held["teacher"]}
+    assert kinds == {TEACHER_ENGINE_KIND[engine]}
+    for _, shape, local in held["teacher"]:
+        numel = math.prod(shape)
+        if engine == "fsdp":  # rank 0 holds the first ceil(dim0 / 2) rows
+            assert local == -(-shape[0] // 2) * numel // shape[0]
+        elif engine == "zero3":  # flat partitions of ceil(numel / 2)
+            assert local == -(-numel // 2)
+        else:
+            assert local == numel
+
+
+# -- FSDP2: a 2-rank checkpoint on 1 rank -------------------------------------------------------------------
+
+def _fsdp_on_one_rank(shards, run: Path, copy_dir: Path, ports: list[int]) -> dict:
+    import torch.distributed as dist
+
+    def one_rank_group(port):  # train() and init_distributed() make no group for one process: FSDP2 needs one
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+    cfg = _config(shards, run, "fsdp", **{"method.name": "simclr_ema_test"})
+    one_rank_group(ports[0])
+    got = _inspect(cfg, run / "checkpoints" / "step_00000003", ports[1])  # destroys the group
+    shutil.copytree(run, copy_dir, symlinks=True)
+    ckpts = copy_dir / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000006")
+    (ckpts / "latest").unlink()
+    (ckpts / "latest").symlink_to("step_00000003")
+    one_rank_group(ports[2])
+    try:
+        got["summary"] = _train(_config(shards, copy_dir, "fsdp", **{"method.name": "simclr_ema_test"}), ports[3])
+    finally:
+        dist.destroy_process_group()
+    got["losses"] = _losses(copy_dir)
+    return _portable(got)
+
+
+def test_fsdp_two_rank_checkpoint_resumes_on_one_rank(scenario, fmnist_shards, tmp_path):
+    from pipeline.engines.fsdp import FSDPEngine
+    from pipeline.methods import build_method
+
+    run = Path(scenario("fsdp")["ema"]["run"])
+    got = _tensors(run_ranks(_fsdp_on_one_rank, fmnist_shards, run, tmp_path / "one_rank", [free_port() for _ in range(4)],
+                    world_size=1, init_pg=False)[0])
+    cfg = _config(fmnist_shards, run, "fsdp", **{"method.name": "simclr_ema_test"})
+    written = FSDPEngine.read_model_state(run / "checkpoints" / "step_00000003", build_method(cfg))
+    _assert_state_close(got["state"], written, "2-rank checkpoint loaded on 1 rank")
+    assert all(k == "dtensor('S(0)',)" and local == math.prod(shape) for k, shape, local in got["held"]["teacher"])
+    assert got["summary"]["steps"] == 6 and got["summary"]["world_size"] == 1
+    assert all(torch.isfinite(torch.tensor(got["losses"][s])) for s in (4, 5, 6))
+
+
+# -- configuration ------------------------------------------------------------------------------------------
+
+def test_ds_config_follows_the_config_tree():
+    from pipeline.config import load_config
+    from pipeline.engines.deepspeed import ds_config
+
+    cfg = load_config(QUICKSTART, ["engine.name=deepspeed", "engine.zero_stage=3", "optim.accumulation_steps=4",
+                                   "optim.clip_grad_norm=0", "loader.batch_size=16",
+                                   "engine.ds_config={zero_optimization: {stage3_param_persistence_threshold: 0}}"])
+    c = ds_config(cfg, world_size=2, bf16=False)
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (16, 4, 128)
+    assert c["gradient_clipping"] == 0.0  # explicit: DeepSpeed's own default clips at 1.0
+    assert c["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert c["bf16"]["enabled"] is False
+    c = ds_config(load_config(QUICKSTART, ["engine.name=deepspeed", "engine.offload=optimizer"]), 2, bf16=True)
+    assert c["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and c["bf16"]["enabled"]
+    assert c["communication_data_type"] == "fp32"
+
+
+def test_engine_config_is_validated():
+    from pipeline.config import ConfigError, load_config
+    from pipeline.engines import engine_class
+
+    for bad in (["engine.zero_stage=0"], ["engine.reduce_dtype=fp16"], ["engine.offload=disk"],
+                ["engine.name=deepspeed", "engine.zero_stage=2", "engine.offload=params"]):
+        with pytest.raises(ConfigError):
+            load_config(QUICKSTART, bad)
+    assert [engine_class(n).name for n in ("ddp", "fsdp", "deepspeed")] == ["ddp", "fsdp", "deepspeed"]
+    with pytest.raises(KeyError, match="known: ddp, fsdp, deepspeed"):
+        engine_class("horovod")
+
+
+# -- GPU-only paths -----------------------------------------------------------------------------------------
+
+def _bf16_steps(engine: str, extra: dict, shards, run_dir: Path) -> list[float]:
+    cfg = _config(shards, run_dir, engine, **{"engine.precision": "bf16", "loader.device": "cuda", **extra})
+    _train(cfg, free_port())
+    return list(_losses(run_dir).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine,extra", [
+    ("fsdp", {}), ("fsdp", {"engine.compile": True, "model.grad_checkpointing": True}),
+    ("zero2", {}), ("zero3", {}), ("zero2", {"engine.offload": "optimizer"}),
+])
+def test_bf16_compile_offload_on_gpu(fmnist_shards, tmp_path, engine, extra):
+    import os
+
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1"})
+    losses = _bf16_steps(engine, extra, fmnist_shards, tmp_path / "run")
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))

@@ -1,0 +1,400 @@
+"""Every registered method: losses against their formulas, cross-rank terms against a single process on the
+concatenated batch (2 gloo ranks), EMA teachers, checkpoint resume, and a short real run that exports to timm.
+
+Parametrised over ``METHODS``: a new method is covered by registering it (and giving it ``configs/<name>.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import load_config
+from pipeline.data.loader import Batch
+from pipeline.data.recipes import build_recipe
+from pipeline.losses import ssl
+from pipeline.methods import METHODS, build_method
+from tests.conftest import tiny_overrides
+from tests.multirank import run_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_METHOD = {  # shrink the heads of the CPU presets further for tests
+    "clip": ["method.clip.embed_dim=32", "method.clip.text_width=32", "method.clip.text_depth=1",
+             "method.clip.text_heads=2", "method.clip.context_length=12"],
+    "mocov3": ["method.mocov3.pred_hidden_dim=64"],
+    "byol": ["method.byol.pred_hidden_dim=64"],
+    "barlow_twins": ["method.proj_dim=64"],
+    "vicreg": ["method.proj_dim=64"],
+    "dino": ["method.dino.out_dim=128", "method.dino.hidden_dim=64", "method.dino.bottleneck_dim=32"],
+    "mae": ["method.mae.decoder_dim=32", "method.mae.decoder_depth=1", "method.mae.decoder_heads=2"],
+}
+
+
+def preset(name: str) -> Path:
+    return ROOT / "configs" / ("quickstart.yaml" if name == "simclr" else f"{name}.yaml")
+
+
+def tiny_config(name: str, overrides: list[str] | None = None):
+    base = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "method.proj_hidden_dim=64",
+            "method.proj_dim=32"]
+    return load_config(preset(name), base + TINY_METHOD.get(name, []) + (overrides or []))
+
+
+def random_batch(cfg, method, b: int = 8, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    recipe = build_recipe(cfg.augment, method_recipe=method.recipe)
+    views = [torch.randn(b, 3, v.size, v.size, generator=g) for v in recipe.views]
+    texts = [f"a photo of a {w}" for w in ("shirt", "bag", "sandal", "coat")] * (b // 4) if recipe.with_text else None
+    return Batch(views, torch.zeros(b, dtype=torch.long), texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every method: forward, gradients, teachers
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_preset_forward_backward_and_teachers(name):
+    """The preset builds; one forward/backward gives a finite loss, gradients on every trainable parameter and
+    none on the (frozen) teachers; ``after_step`` moves each teacher by exactly the EMA rule."""
+    cfg = tiny_config(name)
+    assert cfg.method.name == name
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    loss, metrics = method(random_batch(cfg, method))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert all(isinstance(v, torch.Tensor) for v in metrics.values())
+    loss.backward()
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"trainable parameters without gradient: {missing[:5]}"
+    frozen = {n: p for n, p in method.named_parameters() if not p.requires_grad}
+    assert all(p.grad is None for p in frozen.values())
+    assert all(not n.startswith("encoder.") for n in frozen), "the exported encoder must be the online network"
+    state = method.state_dict()
+    assert all(n in state for n in frozen), "teachers must be in the method's state dict (checkpoints)"
+    teachers = {n: m for n, m in method.named_children() if any(not p.requires_grad for p in m.parameters())}
+    if not teachers:
+        return
+    with torch.no_grad():  # make online and teacher differ, then check one EMA step exactly
+        for p in method.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    before = {n: p.clone() for n, p in frozen.items()}
+    online = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    step, total = 3, 10
+    base = {"mocov3": cfg.method.mocov3.momentum, "byol": cfg.method.byol.momentum,
+            "dino": cfg.method.dino.momentum}[name]
+    m = 1 - (1 - base) * (1 + math.cos(math.pi * step / (total - 1))) / 2
+    method.after_step(step, total)
+    pairs = {"momentum_encoder": "encoder", "momentum_projector": "projector", "target_encoder": "encoder",
+             "target_projector": "projector", "teacher_encoder": "encoder", "teacher_head": "head"}
+    for n, p in frozen.items():
+        teacher, rest = n.split(".", 1)
+        src = online[f"{pairs[teacher]}.{rest}"]
+        torch.testing.assert_close(p, m * before[n] + (1 - m) * src, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_momentum_schedule():
+    from pipeline.methods.base import Method
+
+    assert Method.ema_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert Method.ema_momentum(0.99, 99, 100) == pytest.approx(1.0)
+    assert Method.ema_momentum(0.99, 50, 101) == pytest.approx(0.995)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses against their formulas on small inputs
+
+
+def test_moco_infonce_formula():
+    q = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    k = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    t = 0.5
+    # normalised: q = e1, e2; k = e1, (1,1)/sqrt2. Row 0 logits (1, 1/sqrt2)/t, positive 0; row 1 (0, 1/sqrt2)/t.
+    s = 1 / math.sqrt(2)
+    expected = (-math.log(math.exp(1 / t) / (math.exp(1 / t) + math.exp(s / t)))
+                - math.log(math.exp(s / t) / (1 + math.exp(s / t)))) / 2 * 2 * t
+    assert ssl.moco_infonce(q, k, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_byol_loss_formula():
+    z = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    assert ssl.byol_loss(z * 2, z).item() == pytest.approx(0.0, abs=1e-7)
+    assert ssl.byol_loss(torch.tensor([[0.0, 1.0], [0.0, -1.0]]), z).item() == pytest.approx((2 + 4) / 2)
+
+
+def test_clip_and_siglip_formulas():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), dim=1)
+    txt = F.normalize(torch.tensor([[1.0, 0.2], [0.5, 1.0], [-1.0, 1.0]]), dim=1)
+    scale = torch.tensor(2.0)
+    s = (img @ txt.T * 2).tolist()
+    i2t = -sum(math.log(math.exp(s[i][i]) / sum(math.exp(x) for x in s[i])) for i in range(3)) / 3
+    t2i = -sum(math.log(math.exp(s[i][i]) / sum(math.exp(s[j][i]) for j in range(3))) for i in range(3)) / 3
+    assert ssl.clip_loss(img, txt, scale).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    assert ssl.clip_loss(img, txt, scale, local_loss=True).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    bias = torch.tensor(-1.0)
+    sig = -sum(math.log(1 / (1 + math.exp(-(1 if i == j else -1) * (s[i][j] - 1)))) for i in range(3)
+               for j in range(3)) / 3
+    assert ssl.siglip_loss(img, txt, scale, bias).item() == pytest.approx(sig, rel=1e-6)
+
+
+def _bn(z: torch.Tensor) -> torch.Tensor:
+    return F.batch_norm(z, None, None, training=True, eps=1e-5)
+
+
+def test_barlow_twins_formula():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 3), torch.randn(6, 3)
+    c = _bn(z1).T @ _bn(z2) / 6  # the reference code: BatchNorm1d(affine=False) then c / batch size
+    expected = sum((1 - c[i, i]) ** 2 for i in range(3)) + 0.3 * sum(c[i, j] ** 2 for i in range(3)
+                                                                      for j in range(3) if i != j)
+    assert ssl.barlow_twins_loss(z1, z2, lambd=0.3).item() == pytest.approx(expected.item(), rel=1e-5)
+    # perfectly correlated, decorrelated dimensions: loss 0
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert ssl.barlow_twins_loss(z, z).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_vicreg_formula():
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 4), torch.randn(7, 4)
+    repr_loss = F.mse_loss(x, y)  # the reference code (facebookresearch/vicreg main_vicreg.py), verbatim
+    xc, yc = x - x.mean(dim=0), y - y.mean(dim=0)
+    std_x, std_y = torch.sqrt(xc.var(dim=0) + 0.0001), torch.sqrt(yc.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x, cov_y = (xc.T @ xc) / (7 - 1), (yc.T @ yc) / (7 - 1)
+    cov_loss = ssl.off_diagonal(cov_x).pow(2).sum() / 4 + ssl.off_diagonal(cov_y).pow(2).sum() / 4
+    expected = 25 * repr_loss + 25 * std_loss + 1 * cov_loss
+    loss, terms = ssl.vicreg_loss(x, y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["invariance"].item() == pytest.approx(repr_loss.item(), rel=1e-6)
+    assert ssl.off_diagonal(torch.arange(9.0).view(3, 3)).tolist() == [1, 2, 3, 5, 6, 7]
+
+
+def test_dino_loss_formula():
+    center = torch.tensor([[0.5, -0.5]])
+    teacher = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    student = [torch.tensor([[0.2, 0.1]]), torch.tensor([[0.0, 0.3]]), torch.tensor([[0.4, 0.0]])]
+    tt, st = 0.5, 0.1
+
+    def softmax(v):
+        e = [math.exp(a) for a in v]
+        return [a / sum(e) for a in e]
+
+    def ce(t, s):
+        q = softmax([(a - c) / tt for a, c in zip(t, [0.5, -0.5])])
+        logp = [math.log(p) for p in softmax([a / st for a in s])]
+        return -sum(a * b for a, b in zip(q, logp))
+
+    T = [t[0].tolist() for t in teacher]
+    S = [s[0].tolist() for s in student]
+    expected = (ce(T[0], S[1]) + ce(T[0], S[2]) + ce(T[1], S[0]) + ce(T[1], S[2])) / 4
+    assert ssl.dino_loss(student, teacher, center, st, tt).item() == pytest.approx(expected, rel=1e-6)
+    assert ssl.dino_batch_center(teacher).tolist() == [[0.5, 0.5]]
+
+
+def test_mae_loss_formula_and_patchify():
+    imgs = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    p = ssl.patchify(imgs, 2)
+    assert p.shape == (2, 4, 12)
+    assert p[0, 1, :3].tolist() == [imgs[0, 0, 0, 2].item(), imgs[0, 1, 0, 2].item(), imgs[0, 2, 0, 2].item()]
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
+    pred = torch.zeros(2, 4, 12)
+    raw = ssl.mae_loss(pred, imgs, mask, 2, norm_pix=False)
+    expected = sum((p[i, j] ** 2).mean() for i in range(2) for j in range(4) if mask[i, j]) / 3
+    assert raw.item() == pytest.approx(expected.item(), rel=1e-6)
+    target = (p - p.mean(-1, keepdim=True)) / (p.var(-1, keepdim=True) + 1e-6) ** 0.5
+    assert ssl.mae_loss(target, imgs, mask, 2).item() == pytest.approx(0.0, abs=1e-6)
+    assert ssl.mae_loss(pred, imgs, mask, 2).item() == pytest.approx(1.0 * 11 / 12, rel=1e-4)  # E[t^2] = (n-1)/n
+
+
+def test_mae_masks_75_percent_and_uses_visible_patches_only():
+    cfg = tiny_config("mae")
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    from pipeline.methods.mae import random_masking
+
+    keep, mask, _ = random_masking(5, 16, 0.75, torch.device("cpu"))
+    assert keep.shape == (5, 4) and mask.sum(1).tolist() == [12] * 5
+    assert torch.equal(mask.gather(1, keep), torch.zeros(5, 4))
+    imgs = torch.randn(2, 3, 28, 28)
+    out = method.encode_visible(imgs, keep[:2])
+    assert out.shape == (2, 4 + method.encoder.num_prefix_tokens, 32)
+    with torch.no_grad():  # with every patch kept, the masked encoder is timm's forward_features
+        full = method.encode_visible(imgs, torch.arange(16).expand(2, 16))
+    torch.testing.assert_close(full, method.encoder.forward_features(imgs), rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_labels_match_rotations():
+    from pipeline.methods.rotnet import rotate_batch
+
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(4, 3, 1, 1)
+    k = torch.tensor([0, 1, 2, 3])
+    out = rotate_batch(x, k)
+    for i in range(4):
+        assert torch.equal(out[i], torch.rot90(x[i], i, dims=(1, 2)))
+
+
+def test_clip_tokenizer_is_clip_bpe_offline():
+    from pipeline.text import build_tokenizer
+
+    tokenize, vocab = build_tokenizer("clip_bpe", 8)
+    toks = tokenize(["a photo of a sandal.", "a very long caption that will not fit in eight tokens at all"])
+    assert vocab == 49408 and toks.shape == (2, 8)
+    assert toks[0, 0].item() == 49406 and toks[0].argmax().item() == 7  # <start> a photo of a sandal . <end>
+    assert toks[1, -1].item() == 49407  # truncated captions keep the end token
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-rank terms: 2 gloo ranks == one process on the concatenated batch (loss and gradients)
+
+
+def _cross_rank_losses():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    t = [torch.randn(8, 6, generator=g) for _ in range(2)]
+    scale, bias = torch.tensor(3.0), torch.tensor(-2.0)
+    cases = {
+        "clip": lambda x, y: ssl.clip_loss(F.normalize(x, dim=1), F.normalize(y, dim=1), scale),
+        "clip_local": lambda x, y: ssl.clip_loss(F.normalize(x, dim=1), F.normalize(y, dim=1), scale, True),
+        "siglip": lambda x, y: ssl.siglip_loss(F.normalize(x, dim=1), F.normalize(y, dim=1), scale, bias),
+        "mocov3": lambda x, y: ssl.moco_infonce(x, y.detach(), 0.2) + ssl.moco_infonce(y, x.detach(), 0.2),
+        "barlow_twins": lambda x, y: ssl.barlow_twins_loss(x, y, 0.1),
+        "vicreg": lambda x, y: ssl.vicreg_loss(x, y)[0],
+    }
+    return a, b, t, cases
+
+
+def _rank_losses(world: int):
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if world > 1 else 0
+    a, b, teacher, cases = _cross_rank_losses()
+    n = a.shape[0] // world
+    rows = slice(rank * n, (rank + 1) * n)
+    out = {}
+    for name, fn in cases.items():
+        x, y = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
+        loss = fn(x, y)
+        loss.backward()
+        out[name] = (loss.item(), x.grad.numpy(), y.grad.numpy())
+    out["dino_center"] = ssl.dino_batch_center([t[rows] for t in teacher]).numpy()
+    return out
+
+
+def test_cross_rank_losses_match_single_process():
+    """Mean over ranks of the rank losses == the single-process loss, and the rank gradients divided by W
+    (what DDP's averaging does to parameter gradients) == the single-process gradient of those rows."""
+    single = _rank_losses(1)
+    ranks = run_ranks(_rank_losses, 2)
+    for name in (k for k in single if k != "dino_center"):
+        loss, gx, gy = single[name]
+        r_loss = np.mean([r[name][0] for r in ranks])
+        assert r_loss == pytest.approx(loss, rel=1e-5), name
+        got_x = np.concatenate([r[name][1] for r in ranks]) / 2
+        got_y = np.concatenate([r[name][2] for r in ranks]) / 2
+        np.testing.assert_allclose(got_x, gx, rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got_y, gy, rtol=1e-4, atol=1e-6, err_msg=name)
+    for r in ranks:
+        np.testing.assert_allclose(r["dino_center"], single["dino_center"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real runs on shards: the loss decreases, the encoder exports to timm, teachers resume exactly
+
+
+@pytest.fixture(scope="session")
+def fmnist_caption_shards(tmp_path_factory, fmnist_shards) -> Path:
+    """The first 512 Fashion-MNIST train images with templated captions (image + txt shards)."""
+    from pipeline.config import FMNIST_TEMPLATES
+    from pipeline.data.shards import FASHION_MNIST_CLASSES, Item, read_idx, write_shards
+    from tests.conftest import FASHION_MNIST
+
+    imgs = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")[:512]
+    labs = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")[:512]
+    items = [Item(f"train[{i}]", imgs[i], "png", int(labs[i]),
+                  FMNIST_TEMPLATES[i % len(FMNIST_TEMPLATES)].format(FASHION_MNIST_CLASSES[int(labs[i])].lower()))
+             for i in range(512)]
+    out = tmp_path_factory.mktemp("fmnist_captions") / "train"
+    write_shards(items, out, shard_size=200, classes=FASHION_MNIST_CLASSES, progress=False)
+    return out
+
+
+def _run_config(name, shards, run_dir, caption_shards):
+    extra = {"train.steps": 8, "checkpoint.every_steps": 4, "optim.warmup_steps": 2, "train.threads": 1}
+    if name == "clip":
+        extra["data.train_shards"] = str(caption_shards)
+    overrides = [o for o in tiny_overrides(shards, run_dir, **extra) if not o.startswith("method.proj")]
+    return tiny_config(name, overrides)
+
+
+def _final_state(run_dir: Path, cfg) -> dict[str, torch.Tensor]:
+    from pipeline.engines.ddp import DDPEngine
+
+    torch.manual_seed(0)
+    return DDPEngine.read_model_state(run_dir / "checkpoints" / "latest", build_method(cfg))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_short_run_learns_exports_and_resumes(name, fmnist_shards, fmnist_caption_shards, tmp_path):
+    import shutil
+
+    import timm
+    from safetensors.torch import load_file
+
+    from pipeline.trainer import train
+
+    run_a = tmp_path / "a"
+    cfg = _run_config(name, fmnist_shards, run_a, fmnist_caption_shards)
+    summary = train(cfg)
+    assert summary["steps"] == 8
+    losses = [json.loads(line)["loss"] for line in (run_a / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for v in losses)
+    # logged every 2 steps; EMA-teacher targets move, so compare the later half's mean with the first window
+    assert np.mean(losses[len(losses) // 2:]) < losses[0], f"{name}: loss did not decrease: {losses}"
+
+    meta = json.loads((run_a / "export" / "config.json").read_text())
+    model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])
+    model.load_state_dict(load_file(str(run_a / "export" / "model.safetensors")), strict=True)
+
+    state_a = _final_state(run_a, cfg)
+    if name == "clip":
+        from pipeline.distributed import read_dist_env
+        from pipeline.evaluation import zero_shot_accuracy
+
+        method = build_method(cfg)
+        method.load_state_dict(state_a)
+        acc = zero_shot_accuracy(cfg, method.eval(), fmnist_shards["test"], read_dist_env(), torch.device("cpu"),
+                                 max_samples=64)
+        assert 0.0 <= acc <= 1.0
+    if not any(not p.requires_grad for p in build_method(cfg).parameters()):
+        return
+    # Interrupt after step 4: a fresh run directory holding only A's step-4 checkpoint resumes to step 8 and
+    # must end bit-for-bit where A ended, teachers (and DINO's centre) included.
+    run_b = tmp_path / "b"
+    (run_b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_a / "checkpoints" / "step_00000004", run_b / "checkpoints" / "step_00000004")
+    (run_b / "checkpoints" / "latest").symlink_to("step_00000004")
+    cfg_b = _run_config(name, fmnist_shards, run_b, fmnist_caption_shards)
+    assert train(cfg_b)["steps"] == 8
+    state_b = _final_state(run_b, cfg_b)
+    assert state_a.keys() == state_b.keys()
+    teacher_keys = [k for k in state_a if k.split(".")[0] in ("momentum_encoder", "target_encoder", "teacher_encoder")]
+    assert teacher_keys
+    for k in state_a:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_has_cpu_and_gpu_presets(name):
+    """configs/<name>.yaml (CPU) and, except the SimCLR quickstart, ViT-S/16 and ViT-B/16 presets at 224 px."""
+    assert load_config(preset(name)).method.name == name
+    if name == "simclr":
+        return
+    for tag, arch in (("vits16", "vit_small_patch16_224"), ("vitb16", "vit_base_patch16_224")):
+        cfg = load_config(ROOT / "configs" / f"{name}_{tag}.yaml")
+        assert (cfg.method.name, cfg.model.name, cfg.model.img_size) == (name, arch, 224)

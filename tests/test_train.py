@@ -1,0 +1,226 @@
+"""End-to-end runs on real Fashion-MNIST shards: 2 processes over gloo through the local launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launch_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "launch", "configs/quickstart.yaml", *overrides]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _run(overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_launch_cmd(overrides), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _last_lines_per_step(run_dir: Path) -> dict[tuple[int, int, int], list[str]]:
+    """(rank, step, micro) -> keys, keeping the last record (a killed run's steps are redone after resume)."""
+    out = {}
+    for f in sorted((run_dir / "sample_keys").glob("rank*.txt")):
+        rank = int(f.stem[4:])
+        for line in f.read_text().splitlines():
+            epoch, step, micro, *keys = line.split()
+            out[(rank, int(step), int(micro))] = (int(epoch), keys)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(fmnist_shards, tmp_path):
+    common = {"train.steps": 40, "checkpoint.every_steps": 5, "metrics.log_every": 5, "metrics.sample_keys": True,
+              "launcher.nprocs": 2}
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    _run(tiny_overrides(fmnist_shards, ref_dir, **common))
+
+    # Start the same run, SIGKILL the whole process group once step 10 is checkpointed (mid-epoch: 32 steps).
+    proc = subprocess.Popen(_launch_cmd(tiny_overrides(fmnist_shards, run_dir, **common)), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and int(latest.resolve().name.split("_")[1]) >= 10:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest.resolve().name.split("_")[1])
+    assert 10 <= killed_at < 40, f"the run was not killed mid-way (latest: {killed_at})"
+    assert not (run_dir / "summary.json").exists()
+
+    resume_point = latest.resolve()
+    out = _run(tiny_overrides(fmnist_shards, run_dir, **common))  # checkpoint.resume=auto picks up `latest`
+    assert f"resumed from {resume_point} at step {killed_at}" in out.stdout + out.stderr
+
+    ref = load_file(ref_dir / "export" / "model.safetensors")
+    got = load_file(run_dir / "export" / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs after kill + resume"
+
+    # Every sample of epoch 0 (steps 0..31: 2048 samples = 32 steps x 32 x 2 ranks) consumed exactly once.
+    records = _last_lines_per_step(run_dir)
+    epoch0 = [k for (rank, step, _), (epoch, keys) in records.items() if epoch == 0 for k in keys]
+    assert len(epoch0) == len(set(epoch0)) == 2048
+    assert records == _last_lines_per_step(ref_dir)  # and in the same order as the uninterrupted run
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_two_process_run_evaluates_exports_and_logs(fmnist_shards, tmp_path):
+    run_dir = tmp_path / "e2e"
+    out = _run(tiny_overrides(fmnist_shards, run_dir, **{
+        "train.steps": 8, "launcher.nprocs": 2, "eval.at_end": True, "metrics.tensorboard": True}))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for metric in ("linear_probe", "knn"):
+        assert set(summary[metric]) == {"pretrained", "random_init", "raw_pixels"}
+        assert all(0.1 <= v <= 1.0 for v in summary[metric].values())  # 10 classes: chance is 0.1
+    assert summary["world_size"] == 2 and summary["images_per_sec"] > 0
+    assert Path(summary["checkpoint"]).name == "step_00000008"
+    assert "linear_probe" in out.stdout and "pretrained" in out.stdout  # the printed summary table
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8]
+    assert {"loss", "lr", "images_per_sec_per_process", "data_wait_fraction"} <= set(lines[0])
+    assert 0 <= lines[-1]["data_wait_fraction"] <= 1
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.train.steps == 8 and resolved.data.train_shards == str(fmnist_shards["train"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000006", "step_00000008"]
+
+
+def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, tmp_path):
+    import timm
+
+    from pipeline.engines.ddp import DDPEngine
+    from pipeline.export import load_exported
+    from pipeline.methods import build_method
+    from pipeline.trainer import train
+
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(fmnist_shards, tmp_path / "run",
+                                                                **{"launcher.nprocs": 1}))
+    train(cfg)
+    meta = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])
+    model.load_state_dict(load_file(tmp_path / "run" / "export" / "model.safetensors"), strict=True)
+    model.eval()
+
+    method = build_method(cfg)
+    method.load_state_dict(DDPEngine.read_model_state(tmp_path / "run" / "checkpoints" / "latest", method))
+    method.eval()
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), method.encoder(x))
+        assert torch.equal(load_exported(tmp_path / "run" / "export")(x), model(x))
+
+    # `pipeline export` re-exports from the checkpoint, offline, to the same weights
+    subprocess.run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "run"), "--output",
+                    str(tmp_path / "again")], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    a, b = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "run" / "export" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _NaNAfter:
+    """A SimCLR whose loss turns NaN from its 4th forward on (a real diverging run, made reproducible)."""
+
+    @staticmethod
+    def build(cfg):
+        from pipeline.methods.simclr import SimCLR
+
+        class Diverging(SimCLR):
+            calls = 0
+
+            def forward(self, batch):
+                loss, metrics = super().forward(batch)
+                Diverging.calls += 1
+                return (loss * float("nan") if Diverging.calls > 3 else loss), metrics
+
+        return Diverging(cfg)
+
+
+def test_nan_loss_stops_with_step_and_never_checkpoints_it(fmnist_shards, tmp_path, monkeypatch):
+    from pipeline import methods
+    from pipeline.trainer import NonFiniteLossError, train
+
+    monkeypatch.setitem(methods.METHODS, "diverging", _NaNAfter.build)
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(
+        fmnist_shards, tmp_path / "nan", **{"method.name": "diverging", "checkpoint.every_steps": 2,
+                                            "metrics.log_every": 2, "train.steps": 10}))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 \(detected at step 4\).*step_00000002"):
+        train(cfg)
+    assert os.readlink(tmp_path / "nan" / "checkpoints" / "latest") == "step_00000002"
+
+
+def test_nan_policy_skip_keeps_weights_finite(fmnist_shards, tmp_path, monkeypatch):
+    from pipeline import methods
+    from pipeline.trainer import train
+
+    monkeypatch.setitem(methods.METHODS, "diverging", _NaNAfter.build)
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(
+        fmnist_shards, tmp_path / "skip", **{"method.name": "diverging", "train.nan_policy": "skip",
+                                             "metrics.log_every": 2, "train.steps": 6}))
+    train(cfg)
+    weights = load_file(tmp_path / "skip" / "export" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    last = json.loads((tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped_steps"] == 3
+
+
+def test_interrupted_checkpoint_write_never_becomes_latest(fmnist_shards, tmp_path, monkeypatch):
+    from pipeline.engines.ddp import DDPEngine
+    from pipeline.trainer import train
+
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(fmnist_shards, tmp_path / "run"))
+    real_save = DDPEngine.save
+
+    def save_then_die(self, path):
+        real_save(self, path)
+        if path.name.startswith("step_00000006"):
+            raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(DDPEngine, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert os.readlink(tmp_path / "run" / "checkpoints" / "latest") == "step_00000003"
+    assert (tmp_path / "run" / "checkpoints" / "step_00000006.partial").exists()
+    monkeypatch.setattr(DDPEngine, "save", real_save)
+    summary = train(cfg)  # resumes from step 3, replaces the partial write
+    assert summary["steps"] == 6 and not list((tmp_path / "run" / "checkpoints").glob("*.partial"))
+
+
+def test_clear_errors_for_missing_data_and_existing_runs(fmnist_shards, tmp_path):
+    from pipeline.data.shards import ShardError
+    from pipeline.trainer import train
+
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(fmnist_shards, tmp_path / "r",
+                                                                **{"data.train_shards": str(tmp_path / "nope")}))
+    with pytest.raises(ShardError, match="shard folder not found"):
+        train(cfg)
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(fmnist_shards, tmp_path / "r2"))
+    train(cfg)
+    cfg.checkpoint.resume = "false"
+    with pytest.raises(FileExistsError, match="already has checkpoints"):
+        train(cfg)
+    proc = subprocess.run(_launch_cmd(["optim.lr_max=1"]), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown config key 'optim.lr_max'" in proc.stderr
