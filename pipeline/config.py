@@ -434,7 +434,26 @@ class RayConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
     max_failures: int = 0
+    """Worker-group restarts Ray Train allows after a worker fails (-1: unlimited); each restart resumes from
+    ``run_dir/checkpoints/latest``."""
     dashboard_host: str = "127.0.0.1"
+    """Interface the dashboard of a local cluster binds to (needs ``ray[default]``; ignored without it)."""
+    temp_dir: str = ""
+    """Session folder of a local cluster (empty: Ray's default, /tmp/ray). Ray puts Unix sockets in it, so keep the
+    path short."""
+    local_num_cpus: int = 0
+    """CPUs a local cluster offers (0: all of the machine's)."""
+    local_loopback: bool = True
+    """Keep a local cluster on 127.0.0.1. Ray otherwise rewrites loopback addresses to the machine's routable one
+    and listens there."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"launcher.ray.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.local_num_cpus < 0:
+            raise ConfigError("launcher.ray.cpus_per_worker, gpus_per_worker and local_num_cpus must be >= 0")
+        if self.max_failures < -1:
+            raise ConfigError(f"launcher.ray.max_failures must be >= -1, got {self.max_failures}")
 
 
 @dataclass
