@@ -69,6 +69,7 @@ def main() -> int:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     env, device = read_dist_env(), torch.device("cpu")
+    torch.set_num_threads(1)  # one thread: the 2-core machine is shared, more threads only thrash
     for name in args.methods.split(","):
         preset = "configs/quickstart.yaml" if name == "simclr" else f"configs/{name}.yaml"
         cfg = load_config(preset, [
@@ -77,7 +78,7 @@ def main() -> int:
             f"data.eval_train_shards={shards['train']}", f"data.eval_test_shards={shards['test']}",
             f"train.steps={args.steps}", f"loader.batch_size={args.batch_size}", "optim.warmup_steps=20",
             f"checkpoint.every_steps={args.steps}", "metrics.progress=false", "metrics.tensorboard=false",
-            "eval.at_end=false", "eval.baselines=false", "train.threads=2",
+            "eval.at_end=false", "eval.baselines=false", "train.threads=1",
         ])
         t0 = time.perf_counter()
         summary = train(cfg)
