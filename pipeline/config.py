@@ -335,7 +335,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    """Total optimizer steps."""
+    """Total optimizer steps. Schedules (learning rate, EMA momentum, teacher temperature) span this many steps:
+    change it and a resumed run follows a different curve from there on."""
+    stop_at_step: int = 0
+    """Stop this run once step N is done, with a checkpoint and without export or eval, as if interrupted
+    (0: run to ``steps``). Schedules still span ``steps``, so a run resumed later (``stop_at_step=0``, any
+    launcher) continues exactly as an uninterrupted one would."""
     nan_policy: str = "error"
     """On a non-finite loss: ``error`` (stop with the step; checked on log and checkpoint steps, so no host
     sync per step) or ``skip`` (drop that step's update; checks every step, costing one host sync)."""
@@ -344,6 +349,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.nan_policy", self.nan_policy, ("error", "skip"))
+        if self.stop_at_step < 0:
+            raise ConfigError(f"train.stop_at_step must be >= 0, got {self.stop_at_step}")
 
 
 @dataclass

@@ -96,15 +96,22 @@ def _resume_point(cfg: Config, ckpt: CheckpointManager) -> Path | None:
     return latest if mode != "false" else None
 
 
-def train(cfg: Config, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Pretrain according to ``cfg`` in this process (one rank of the job). Returns the run summary."""
+def train(cfg: Config, report: Callable[[dict[str, Any]], None] | None = None,
+          stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Pretrain according to ``cfg`` in this process (one rank of the job). Returns the run summary.
+
+    ``report`` receives the metrics of every log step (Ray). ``stop`` is asked after every optimizer step whether
+    this rank wants the run to end early (a launcher's signal watcher). If any rank says yes, all ranks stop after
+    that same step, save a checkpoint there and return ``{"interrupted": "stop", "steps": N, ...}`` without export
+    or eval; ``train.stop_at_step`` ends a run the same way (``"interrupted": "stop_at_step"``).
+    """
     env = read_dist_env()
     device = pick_device(env, cfg.loader.device)
     _set_threads(cfg, env, device)
     created_group = not torch.distributed.is_initialized()
     init_distributed(env, device, cfg.engine.backend)
     try:
-        return Trainer(cfg, env, device, report).run()
+        return Trainer(cfg, env, device, report, stop).run()
     finally:
         if created_group:
             destroy_distributed()
@@ -112,8 +119,13 @@ def train(cfg: Config, report: Callable[[dict[str, Any]], None] | None = None) -
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device,
-                 report: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.cfg, self.env, self.device, self.report = cfg, env, device, report
+                 report: Callable[[dict[str, Any]], None] | None = None,
+                 stop: Callable[[], bool] | None = None) -> None:
+        self.cfg, self.env, self.device, self.report, self.stop = cfg, env, device, report, stop
+        self.stop_group = None
+        if stop is not None and torch.distributed.is_initialized() and "gloo" not in torch.distributed.get_backend():
+            # ranks vote on stopping every step: on a CPU group, since a flag on nccl would be a CUDA host sync
+            self.stop_group = torch.distributed.new_group(backend="gloo")
         self.run_dir = cfg.run.dir
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +165,11 @@ class Trainer:
 
         summary.update({"run_dir": str(self.run_dir), "steps": step, "world_size": env.world_size,
                         "checkpoint": str(self.ckpt.latest()) if env.is_main else None})
+        if summary.get("interrupted"):
+            how = "stop requested" if summary["interrupted"] == "stop" else "train.stop_at_step; =0 goes on"
+            print0(f"stopped at step {step} of {total} ({how}): checkpoint {summary['checkpoint']}, no export or eval")
+            barrier()  # every rank has left the loop and shut its loader workers down: a launcher may end the job now
+            return summary
         state = engine.method_state_dict()
         export_dir = self.run_dir / "export"
         if env.is_main:
@@ -196,11 +213,12 @@ class Trainer:
         window_start = time.perf_counter()
         rates: list[float] = []
         last_saved = step if step else -1
+        end = min(total, cfg.train.stop_at_step or total)
         keys_file = None
         if cfg.metrics.sample_keys:
             (self.run_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
             keys_file = open(self.run_dir / "sample_keys" / f"rank{env.rank}.txt", "a", buffering=1)
-        while step < total:
+        while step < end:
             for micro in range(accum):
                 t = time.perf_counter()
                 batch = next(it)
@@ -256,15 +274,29 @@ class Trainer:
                 self._check_finite(first_bad, step)
                 self.ckpt.save(step, engine, {"loader": loader.state_dict()})
                 last_saved = step
+            if self.stop is not None and not is_last and self._stop_agreed():
+                summary["interrupted"] = "stop"
+                break
         bar.close()
         if keys_file is not None:
             keys_file.close()
-        if last_saved != step:
+        if step < total:
+            summary.setdefault("interrupted", "stop_at_step")
+        if last_saved != step:  # stopped between periodic checkpoints
+            self._check_finite(first_bad, step)
             self.ckpt.save(step, engine, {"loader": loader.state_dict()})
         if rates:
             summary["images_per_sec_per_process"] = float(np.mean(rates))
             summary["images_per_sec"] = float(np.mean(rates)) * env.world_size
         return step
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank's ``stop`` says yes. Every rank calls it after the same step, so all get the same answer
+        (one all-reduce of a CPU int: no device sync)."""
+        flag = torch.tensor(int(bool(self.stop())))
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.stop_group)
+        return bool(flag)
 
     def _check_finite(self, first_bad: torch.Tensor, step: int) -> None:
         bad = first_bad.clone()

@@ -35,6 +35,7 @@ def test_unknown_section_names_valid_sections(tmp_path):
     ("engine.name=horovod", "engine.name='horovod' is not one of"),
     ("augment.crop_scale=[0.9, 0.2]", "crop_scale"),
     ("optim", "key.sub=value"),
+    ("train.stop_at_step=-1", "train.stop_at_step must be >= 0"),
 ])
 def test_ill_typed_values_are_clear_errors(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):

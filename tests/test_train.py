@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_launch_cmd(overrides), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(_launch_cmd(overrides), cwd=ROOT, env=_env(), capture_output=True, text=True, check=False,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -222,5 +223,64 @@ def test_clear_errors_for_missing_data_and_existing_runs(fmnist_shards, tmp_path
     cfg.checkpoint.resume = "false"
     with pytest.raises(FileExistsError, match="already has checkpoints"):
         train(cfg)
-    proc = subprocess.run(_launch_cmd(["optim.lr_max=1"]), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(_launch_cmd(["optim.lr_max=1"]), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 2 and "unknown config key 'optim.lr_max'" in proc.stderr
+
+
+def _stop_scenario(shards: dict, root: Path, ports: list[int]) -> dict:
+    """On each of 2 ranks: an uninterrupted run; a run whose ``stop`` says yes on rank 1 only, from its 3rd step on;
+    that run resumed with ``train.stop_at_step=6``, then resumed to the end."""
+    from pipeline.trainer import train
+
+    rank = int(os.environ["RANK"])
+    common = {"train.steps": 8, "checkpoint.every_steps": 5}
+    reference = load_config(ROOT / "configs/quickstart.yaml", tiny_overrides(shards, root / "reference", **common))
+    stopped = load_config(ROOT / "configs/quickstart.yaml", tiny_overrides(shards, root / "stopped", **common))
+    asked = itertools.count(1)  # one question per optimizer step
+
+    def run(cfg, port: int, **kwargs) -> dict:
+        os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous per run: train() makes and ends its group
+        return train(cfg, **kwargs)
+
+    out = {"reference": run(reference, ports[0])}
+    out["stop"] = run(stopped, ports[1], stop=lambda: rank == 1 and next(asked) >= 3)
+    out["asked"] = next(asked) - 1 if rank == 1 else None
+    checkpoints = root / "stopped" / "checkpoints"
+    out["after_stop"] = {"latest": os.readlink(checkpoints / "latest"), "folders": sorted(os.listdir(checkpoints)),
+                         "files": sorted(os.listdir(checkpoints / "latest")),
+                         "trainer": json.loads((checkpoints / "latest" / "trainer.json").read_text())}
+    stopped.train.stop_at_step = 6
+    out["stop_at_step"] = run(stopped, ports[2])
+    stopped.train.stop_at_step = 0
+    out["end"] = run(stopped, ports[3])
+    return out
+
+
+@pytest.mark.multirank
+def test_stop_on_one_rank_stops_every_rank_at_that_step_and_resumes_exactly(fmnist_shards, tmp_path):
+    from tests.multirank import free_port, run_ranks
+
+    ranks = run_ranks(_stop_scenario, fmnist_shards, tmp_path, [free_port() for _ in range(4)], init_pg=False)
+    # Only rank 1 asked to stop (after step 3); rank 0 agreed through the all-reduce and stopped after the same step.
+    assert ranks[1]["asked"] == 3
+    for r in ranks:
+        assert {k: r["stop"][k] for k in ("interrupted", "steps")} == {"interrupted": "stop", "steps": 3}
+        # step 3 is not a multiple of every_steps: saved because of the stop, complete, and made `latest`
+        assert r["after_stop"]["latest"] == "step_00000003"
+        assert r["after_stop"]["folders"] == ["latest", "step_00000003"]
+        assert {"trainer.json", "rng_rank0.pt", "rng_rank1.pt"} <= set(r["after_stop"]["files"])
+        assert r["after_stop"]["trainer"]["step"] == 3 and r["after_stop"]["trainer"]["world_size"] == 2
+        assert {k: r["stop_at_step"][k] for k in ("interrupted", "steps")} == {"interrupted": "stop_at_step",
+                                                                                 "steps": 6}
+        assert "interrupted" not in r["end"] and r["end"]["steps"] == 8
+    assert "export" not in ranks[0]["stop"] and ranks[0]["stop"]["checkpoint"].endswith("step_00000003")
+
+    run_dir = tmp_path / "stopped"
+    # a stopped run neither exports nor evaluates; metrics of both stops and the end are in one log
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    # stopped twice, resumed twice, same schedule throughout: the weights of an uninterrupted run
+    ref = load_file(tmp_path / "reference" / "export" / "model.safetensors")
+    got = load_file(run_dir / "export" / "model.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
