@@ -3,7 +3,8 @@
 Thin by design (dinov2 ``run/submit.py``): the job is :class:`TrainJob`, a picklable callable that exports the
 torch.distributed environment from Slurm's variables and calls :func:`pipeline.trainer.train`. Timeouts and
 preemptions requeue the same callable (``checkpoint()`` returns a ``DelayedSubmission`` of itself); the requeued
-job calls ``train`` again, which resumes from ``run_dir/checkpoints/latest`` on its own.
+job calls ``train`` again, which resumes from ``run_dir/checkpoints/latest`` on its own. On the time-limit signal
+the ranks first stop together after one more step and checkpoint it (see :class:`_SlurmSignals`).
 
 ``launcher.slurm`` in the config maps onto sbatch options (see :func:`executor_parameters`).
 """
@@ -18,7 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import submitit
 from submitit.slurm.slurm import SlurmExecutor
@@ -56,11 +57,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
         from pipeline.trainer import train  # imported here: the submitting process needs no torch/timm
 
+        cfg = config_from_dict(self.config)
         try:
-            return train(config_from_dict(self.config))
-        except Exception as exc:
-            # UncompletedJobError: submitit's own "not requeued (timed out too many times)", to be recorded
-            if signals.received is None or isinstance(exc, submitit.core.utils.UncompletedJobError):
+            summary = train(cfg, stop=signals.stop_requested)
+        except Exception:
+            if not signals.terminated:
                 raise
             # Slurm is taking the job down (requeue, preemption, time limit, scancel): the error is the fallout
             # (a DataLoader worker killed by SIGTERM, a peer rank gone), not a training failure. Exit without
@@ -70,53 +71,103 @@ class TrainJob(submitit.helpers.Checkpointable):
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 traceback.print_exc()
                 print(
-                    f"[slurm] rank {dist_env.rank}: training interrupted after {signals.received.name}; "
+                    f"[slurm] rank {dist_env.rank}: training interrupted after SIGTERM; "
                     "exiting so that the job can be requeued (or cancelled) cleanly",
                     file=sys.stderr,
                     flush=True,
                 )
                 sys.stdout.flush()
             finally:
-                os._exit(128 + signals.received.value)
+                os._exit(128 + signal.SIGTERM)
+        if summary.get("interrupted") == "stop":
+            _hand_over_to_slurm(signals, dist_env.rank, summary, wait_s=cfg.launcher.slurm.signal_delay_s + 60)
+        return summary
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on rank 0 when Slurm signals a timeout or preemption: requeue this same job.
+        """Called by submitit on rank 0 to requeue this same job: after the time-limit signal once ``train`` has
+        saved a checkpoint at the step all ranks stopped at (see :func:`_hand_over_to_slurm`).
 
-        Training state is not saved here: ``train`` checkpoints every ``checkpoint.every_steps`` and the
-        requeued job resumes from the latest complete checkpoint (``checkpoint.resume=auto``).
+        Nothing is saved here; the requeued job resumes from ``checkpoints/latest`` (``checkpoint.resume=auto``).
         """
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-class _SlurmSignals:
-    """Wraps the handlers submitit installed for Slurm's signals (USR2: checkpoint and requeue; TERM: log).
+def _hand_over_to_slurm(signals: _SlurmSignals, rank: int, summary: dict[str, Any], wait_s: float) -> NoReturn:
+    """Every rank stopped after the time-limit signal and the checkpoint of that step is complete.
 
-    - They act only in the task process. Slurm signals every process of the step, DataLoader workers included,
-      and forked workers inherit submitit's handler: each would run ``checkpoint()`` and ``scontrol requeue``.
-    - The first signal received is remembered, so errors it causes can be told from real failures.
+    Rank 0 runs submitit's own handler, so its requeue bookkeeping (``max_num_timeout`` countdown) stays submitit's:
+    ``checkpoint()`` becomes the job's new pickle, ``scontrol requeue`` ends this attempt, and it exits (or raises
+    ``UncompletedJobError``, recorded as the result, once out of timeouts). The other ranks wait for the SIGTERM
+    with which Slurm ends the step (requeue or time limit) and exit without a result.
+    """
+    step, name = summary["steps"], signals.usr_sig.name.removeprefix("SIG")
+    if rank == 0:
+        print(f"[slurm] rank 0: {name} at step {step}: saved {summary['checkpoint']}, requeueing", flush=True)
+        signals.requeue()
+    print(f"[slurm] rank {rank}: {name}: stopped at step {step}; waiting for Slurm to end the job step", flush=True)
+    if signals.wait_for_sigterm(wait_s):
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
+    raise RuntimeError(f"stopped at step {step} after {name}, but Slurm did not end the job step in {wait_s:.0f} s")
+
+
+class _SlurmSignals:
+    """Takes over the handlers submitit installed for Slurm's signals.
+
+    - USR2 (``--signal=USR2@signal_delay_s``, time limit near): only recorded. ``train`` asks
+      :meth:`stop_requested` after every step; the ranks agree to stop after the same step and checkpoint it, and
+      only then is submitit's handler (checkpoint, requeue, exit) run, through :meth:`requeue`.
+    - TERM (Slurm ending the step: requeue, preemption, time limit, scancel): recorded, so that the errors it causes
+      can be told from real failures, then submitit's handler (a log line) runs.
+    - Both act only in the task process: Slurm signals every process of the step, DataLoader workers included,
+      and forked workers inherit the handlers.
     """
 
     def __init__(self) -> None:
         self.owner = os.getpid()
-        self.received: signal.Signals | None = None
+        self.usr_sig: signal.Signals = submitit.JobEnvironment._usr_sig()
+        self.received: set[signal.Signals] = set()
+        self._submitit_usr_handler: Any = None
 
     @classmethod
     def install(cls) -> _SlurmSignals:
         watcher = cls()
-        for sig in (submitit.JobEnvironment._usr_sig(), signal.SIGTERM):
-            handler = signal.getsignal(sig)
-            if callable(handler):
-                signal.signal(sig, watcher._wrap(handler))
+        term_handler = signal.getsignal(signal.SIGTERM)
+        if callable(term_handler):
+            signal.signal(signal.SIGTERM, watcher._wrap(term_handler))
+        usr_handler = signal.getsignal(watcher.usr_sig)
+        if callable(usr_handler):
+            watcher._submitit_usr_handler = usr_handler
+            signal.signal(watcher.usr_sig, watcher._wrap(None))
         return watcher
 
     def _wrap(self, handler: Any) -> Any:
-        def handle_in_owner(signum: int, frame: Any) -> None:
+        def record_in_owner(signum: int, frame: Any) -> None:
             if os.getpid() != self.owner:
                 return
-            self.received = self.received or signal.Signals(signum)
-            handler(signum, frame)
+            self.received.add(signal.Signals(signum))
+            if handler is not None:
+                handler(signum, frame)
 
-        return handle_in_owner
+        return record_in_owner
+
+    def stop_requested(self) -> bool:
+        """The ``stop`` handed to ``train``: has the time-limit signal arrived?"""
+        return self.usr_sig in self.received
+
+    @property
+    def terminated(self) -> bool:
+        return signal.SIGTERM in self.received
+
+    def requeue(self) -> None:
+        """Run submitit's handler for the time-limit signal now (it exits, or raises ``UncompletedJobError``)."""
+        self._submitit_usr_handler(self.usr_sig, None)
+
+    def wait_for_sigterm(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.terminated and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.terminated
 
 
 # ---------------------------------------------------------------------------------------------------------------

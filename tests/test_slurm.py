@@ -201,8 +201,11 @@ def test_two_node_job_trains_through_launch_slurm(fmnist_shards, slurm_cluster, 
 
 @pytest.mark.slurm
 def test_time_limit_signals_requeues_and_resumes(fmnist_shards, slurm_cluster, tmp_path):
-    """1-minute limit, USR2 40 s before it: submitit requeues the job on the signal and the requeued job resumes
-    from the latest checkpoint to the same final step.
+    """1-minute limit, USR2 40 s before it: every rank stops after the same step, that step is checkpointed, then
+    submitit requeues the job, and the requeued job resumes from exactly that step to the same final step.
+
+    ``checkpoint.every_steps`` is larger than the run, so the only checkpoint before the end is the one written on
+    the signal: a resume from anything else, or a step trained twice, shows.
 
     slurmctld checks time limits every 30 s, so the signal lands 20-50 s into the job (the first check, ~27 s, on
     a fresh cluster). The run is long enough that no attempt can finish before that even on an idle machine
@@ -210,9 +213,9 @@ def test_time_limit_signals_requeues_and_resumes(fmnist_shards, slurm_cluster, t
     the end instead of being requeued again and again on a busy machine (~0.5 s/step).
     """
     run_dir = tmp_path / "runs" / "timeout"
-    steps = 250
+    steps, log_every = 250, 10
     cfg = tiny_slurm_config(
-        fmnist_shards, run_dir, **{"train.steps": steps, "checkpoint.every_steps": 5, "metrics.log_every": 10,
+        fmnist_shards, run_dir, **{"train.steps": steps, "checkpoint.every_steps": 1000, "metrics.log_every": log_every,
                                    "launcher.slurm.timeout_min": 1, "launcher.slurm.signal_delay_s": 40,
                                    "launcher.slurm.max_num_timeout": 5}
     )  # fmt: skip
@@ -231,12 +234,22 @@ def test_time_limit_signals_requeues_and_resumes(fmnist_shards, slurm_cluster, t
 
     assert follow_job(job, poll_s=1.0) == 0, slurm_cluster.logs()
     assert_finished_run(run_dir, steps)
-    rank0, _ = job_logs(run_dir, job.job_id)
+    rank0, rank1 = job_logs(run_dir, job.job_id)
+    # rank 0 saved the step all ranks stopped at, then ran submitit's own handler: timeout bookkeeping and requeue
+    saved = re.findall(r"\[slurm\] rank 0: USR2 at step (\d+): saved (\S+), requeueing", rank0)
+    assert saved, rank0
+    signalled = [int(step) for step, _ in saved]
+    for step, path in saved:
+        assert Path(path) == (run_dir / "checkpoints" / f"step_{int(step):08d}").resolve()
+        assert 0 < int(step) < steps and int(step) % cfg.checkpoint.every_steps != 0
+    assert [int(s) for s in re.findall(r"rank 1: USR2: stopped at step (\d+)", rank1)] == signalled, rank1
     assert "Caught signal SIGUSR2" in rank0 and "this job is timed-out" in rank0, rank0
     assert f"Requeued job {job.job_id}" in rank0
-    resumed = resumed_steps(rank0)
-    assert resumed and all(0 < s < steps for s in resumed) and resumed == sorted(resumed), rank0
-    assert slurm_cluster.job_restart_count(job.job_id) >= len(resumed)
+    # each requeued attempt resumed exactly where the previous one stopped, so no step was trained twice
+    assert resumed_steps(rank0) == signalled, rank0
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(log_every, steps + 1, log_every)), logged
+    assert slurm_cluster.job_restart_count(job.job_id) == len(signalled)
 
 
 @pytest.mark.slurm
