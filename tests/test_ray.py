@@ -190,6 +190,36 @@ def test_killed_worker_restarts_from_latest_checkpoint(cluster, tmp_path):
 
 
 @pytest.mark.ray
+def test_run_started_locally_resumes_on_ray(cluster, tmp_path):
+    """One run directory, two launchers: 2 local processes stop at step 3 (``train.stop_at_step``: the schedule still
+    spans all 8 steps), then 2 Ray Train workers on the two nodes resume that run from step 3 and finish it."""
+    steps, stop_at = 8, 3
+    common = (f"train.steps={steps}", "metrics.log_every=2", "checkpoint.every_steps=4")
+    local = _config(tmp_path, *common, "launcher.name=local", "launcher.nprocs=2", f"train.stop_at_step={stop_at}")
+    save_config(local, tmp_path / "local.yaml")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "launch", str(tmp_path / "local.yaml")], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = Path(local.run.dir)
+    assert (run_dir / "checkpoints" / "latest").resolve().name == f"step_{stop_at:08d}"  # not a periodic one
+    assert not (run_dir / "summary.json").exists()
+
+    cfg = _cluster_config(cluster, tmp_path, *common, "launcher.ray.num_workers=2", "launcher.ray.max_failures=0")
+    assert cfg.run.dir == local.run.dir and cfg.train.stop_at_step == 0
+    driver, log = _start_driver(cluster, cfg, tmp_path)
+    text = _wait(driver, log, timeout_s=300)
+    assert driver.returncode == 0, text[-6000:]
+    assert re.search(rf"resumed from \S+/step_{stop_at:08d} at step {stop_at}\b", text), text[-6000:]
+    assert _reported_steps(_ray_events(cfg)) == [4, 6, 8]  # what Ray saw: only its own part
+    # the trainer's one metrics log holds both parts: step 2 from the local processes, 4-8 from the Ray workers
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["world_size"] == 2
+    assert (run_dir / "checkpoints" / "latest").resolve().name == f"step_{steps:08d}"
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_local_cluster_stays_on_loopback(tmp_path):
     """``launcher.ray.address`` empty: the launcher starts its own single-node cluster, bound to 127.0.0.1."""

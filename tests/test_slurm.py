@@ -8,9 +8,11 @@ The cluster tests start one slurmctld and two slurmd on this machine (see ``slur
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from launchers.slurm import (
 )
 from pipeline.config import ConfigError, config_from_dict, load_config
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
 def slurm_config(run_dir: Path, overrides: list[str] | None = None, **extra):
@@ -279,6 +282,37 @@ def test_preemption_by_scontrol_requeue_resumes(fmnist_shards, slurm_cluster, tm
     rank0_err = (run_dir / "slurm" / job.job_id / f"{job.job_id}_0_log.err").read_text()
     assert "training interrupted after SIGTERM" in rank0_err
     assert slurm_cluster.job_restart_count(job.job_id) == 1
+
+
+@pytest.mark.slurm
+def test_run_started_locally_resumes_on_slurm(fmnist_shards, slurm_cluster, tmp_path, capsys):
+    """One run directory, two launchers: 2 local processes stop at step 6 (``train.stop_at_step``, so the schedule
+    still spans all 12 steps), then a 2-node Slurm job resumes that run from step 6 and finishes it."""
+    run_dir = tmp_path / "runs" / "moved"
+    steps, stop_at = 12, 6
+    common = {"train.steps": steps, "checkpoint.every_steps": 4, "metrics.log_every": 2, "train.threads": 1}
+    local = tiny_overrides(fmnist_shards, run_dir, **common, **{"launcher.nprocs": 2, "train.stop_at_step": stop_at})
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "launch", str(QUICKSTART), *local], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert f"stopped at step {stop_at} of {steps}" in proc.stdout + proc.stderr
+    assert (run_dir / "checkpoints" / "latest").resolve().name == f"step_{stop_at:08d}"  # not a periodic one
+    assert not (run_dir / "summary.json").exists()
+
+    cfg = tiny_slurm_config(fmnist_shards, run_dir, **common)
+    assert cfg.train.stop_at_step == 0 and cfg.checkpoint.resume == "auto"
+    code = launch_slurm(cfg, wait=True)
+    out = capsys.readouterr().out
+    assert code == 0, out + slurm_cluster.logs()
+    job_id = re.search(r"Submitted Slurm job (\d+)", out).group(1)
+    rank0, _ = job_logs(run_dir, job_id)
+    assert resumed_steps(rank0) == [stop_at], rank0
+    assert "2 x cpu (slurm)" in rank0
+    assert_finished_run(run_dir, steps)
+    # one metrics log: steps 2-6 written by the local processes, 8-12 by the Slurm job
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(2, steps + 1, 2)), logged
 
 
 @pytest.mark.slurm
