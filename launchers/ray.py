@@ -10,7 +10,10 @@ worker group after a failure (up to ``launcher.ray.max_failures`` times) the new
 complete checkpoint. ``run_dir`` must therefore be on storage every node sees (NFS, Lustre, ...), as must the
 ``run_dir/ray`` folder Ray Train keeps its run state in.
 
-Run it as ``python -m launchers.ray CONFIG.yaml [key=value ...]`` or through the launcher registry.
+Run it as ``python -m launchers.ray CONFIG.yaml [key=value ...]`` or through the launcher registry. Either way this
+process is the run's driver and stays in the foreground until training ends: Ray kills the actors a driver created
+(the Ray Train controller and workers) when the driver exits, so there is no job to leave behind and return to. To
+detach, submit the command as a Ray Job (``ray job submit``, see docs/cluster.md): the cluster then runs the driver.
 """
 
 from __future__ import annotations
@@ -18,13 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from pipeline.config import Config, config_from_dict, config_to_dict, load_config
 
 try:  # Ray is an optional dependency: the module must import without it (dry runs, the launcher registry).
     from ray.train.v2.api.callback import UserCallback
@@ -176,38 +178,17 @@ def describe(cfg: Config) -> str:
     )
 
 
-def _submit_detached(cfg: Config) -> int:
-    """``wait=False``: run the driver as a detached process that outlives us; its log goes to the run dir."""
-    run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "ray_driver_config.yaml"
-    save_config(cfg, config_path)
-    log_path = run_dir / "ray_driver.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))
-                                                          if p)}
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "launchers.ray", str(config_path)], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env, start_new_session=True,
-        )
-    (run_dir / "ray_driver.pid").write_text(f"{proc.pid}\n")
-    print(f"Submitted Ray driver (pid {proc.pid}); log: {log_path}", flush=True)
-    return 0
-
-
-def launch_ray(cfg: Config, *, dry_run: bool = False, wait: bool = True) -> int:
-    """Run ``cfg`` with Ray Train; 0 when training finished, 1 when it failed past ``max_failures``.
-
-    ``dry_run`` prints the plan and touches neither Ray nor the run directory. ``wait=False`` starts the driver
-    in the background (see :func:`_submit_detached`) and returns at once.
+def launch_ray(cfg: Config, *, dry_run: bool = False) -> int:
+    """Run ``cfg`` with Ray Train and return once it ended: 0 when training finished, 1 when it failed past
+    ``max_failures``. ``dry_run`` prints the plan and touches neither Ray nor the run directory.
     """
     if cfg.launcher.name != "ray":
         log.info("launcher.name=%s, launching with Ray anyway", cfg.launcher.name)
     print(describe(cfg), flush=True)
     if dry_run:
         return 0
-    if not wait:
-        return _submit_detached(cfg)
+    print("This process is the Ray Train driver: it stays in the foreground until the run ends, and stopping it "
+          "stops the run (to detach, submit it as a Ray Job: see docs/cluster.md).", flush=True)
 
     import ray
     from ray.train import TrainingFailedError
@@ -235,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m launchers.ray CONFIG.yaml [key=value ...]")
         return 2
     logging.basicConfig(level=logging.INFO)
-    return launch_ray(load_config(argv[0], argv[1:]), wait=True)
+    return launch_ray(load_config(argv[0], argv[1:]))
 
 
 if __name__ == "__main__":

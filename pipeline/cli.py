@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="launch a job: launcher=local|slurm|ray")
     _add_config_args(la)
     la.add_argument("--dry-run", action="store_true", help="print what would be submitted (slurm: the sbatch script)")
-    la.add_argument("--wait", action="store_true", help="follow the job and stream rank 0's log (slurm)")
+    la.add_argument("--wait", action="store_true",
+                    help="slurm: follow the submitted job, streaming rank 0's log, until it ends (local and ray runs "
+                         "always stay in the foreground: a Ray Train run ends with its driver)")
     la.set_defaults(fn=cmd_launch)
 
     e = sub.add_parser("eval", help="kNN + linear probe of an exported encoder on labelled shards")
