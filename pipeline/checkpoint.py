@@ -1,7 +1,8 @@
 """Checkpoint layout and the atomic ``latest`` switch.
 
 ``run_dir/checkpoints/step_00000100/`` holds the engine's state (DCP shards or DeepSpeed files), ``trainer.json``
-(step, loader position) and ``rng_rank{r}.pt`` per rank. It is written as ``step_N.partial`` and renamed once
+(step, loader position) and ``rng_rank{r}.pt`` per rank (RNG streams, plus per-rank loader state such as DALI's
+pipeline checkpoint). It is written as ``step_N.partial`` and renamed once
 every rank has finished; only then is the ``latest`` symlink replaced (``os.replace`` of a new link: atomic), so
 a process killed at any moment leaves ``latest`` pointing at a complete checkpoint.
 """
@@ -56,8 +57,9 @@ class CheckpointManager:
             raise RuntimeError(f"{link} points at {target}, which is not a complete checkpoint")
         return target
 
-    def save(self, step: int, engine, trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint folder."""
+    def save(self, step: int, engine, trainer_state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. ``trainer_state`` is rank 0's (the same on every rank); ``rank_state``
+        is this rank's own and comes back from :meth:`load` as ``state["rank"]``. Returns the final folder."""
         final = self.root / step_name(step)
         tmp = self.root / (step_name(step) + ".partial")
         if self.env.is_main:
@@ -66,7 +68,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         engine.save(tmp)
-        torch.save(rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
+        torch.save({**rng_state(), "rank": rank_state or {}}, tmp / f"rng_rank{self.env.rank}.pt")
         barrier()
         if self.env.is_main:
             (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step,
@@ -90,12 +92,16 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, engine) -> dict[str, Any]:
-        """Collective. Restores engine state and this rank's RNG; returns the trainer state."""
+        """Collective. Restores engine state and this rank's RNG; returns the trainer state, with this rank's own
+        state under ``"rank"`` (empty when resuming on another number of ranks)."""
         engine.load(path)
         state = json.loads((path / "trainer.json").read_text())
+        state["rank"] = {}
         rng_file = path / f"rng_rank{self.env.rank}.pt"
         if rng_file.exists() and state.get("world_size") == self.env.world_size:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            saved = torch.load(rng_file, weights_only=False)
+            set_rng_state(saved)
+            state["rank"] = saved.get("rank", {})
         else:
             print0(f"note: {path} was written by {state.get('world_size')} ranks, resuming on "
                    f"{self.env.world_size}: RNG streams restart from the seed and the data order changes")

@@ -64,8 +64,9 @@ class DataConfig:
 
 @dataclass
 class LoaderConfig:
-    backend: str = "torch"
-    """``torch`` (webdataset + torchvision), ``dali`` (DALI, GPU or CPU) or ``synthetic`` (random tensors)."""
+    backend: str = "auto"
+    """``auto`` (DALI wherever it is installed, else torch), ``torch`` (webdataset + torchvision), ``dali`` (DALI,
+    GPU or CPU) or ``synthetic`` (random tensors)."""
     batch_size: int = 64
     """Samples per process per micro-step (the global batch is batch_size x world size)."""
     num_workers: int = 2
@@ -78,7 +79,7 @@ class LoaderConfig:
     """Where batches land: ``auto`` (the trainer's device), ``cpu`` or ``cuda``."""
 
     def __post_init__(self) -> None:
-        _check_choice("loader.backend", self.backend, ("torch", "dali", "synthetic"))
+        _check_choice("loader.backend", self.backend, ("auto", "torch", "dali", "synthetic"))
         if self.batch_size < 1:
             raise ConfigError(f"loader.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:

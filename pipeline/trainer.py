@@ -19,7 +19,7 @@ import torch
 
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, save_config
-from pipeline.data.loader import build_loader
+from pipeline.data.loader import build_loader, resolve_backend
 from pipeline.data.recipes import build_recipe
 from pipeline.distributed import (
     DistEnv,
@@ -151,9 +151,11 @@ class Trainer:
             state = self.ckpt.load(resume_from, engine)
             step = int(state["step"])
             loader.load_state_dict(state["loader"])
+            if "loader" in state["rank"] and hasattr(loader, "load_rank_state_dict"):
+                loader.load_rank_state_dict(state["rank"]["loader"])
             print0(f"resumed from {resume_from} at step {step} (epoch {loader.epoch}, batch {loader.batch})")
         print0(f"run {self.run_dir}: {cfg.method.name} on {cfg.model.name}, engine {cfg.engine.name}, "
-               f"{env.world_size} x {device.type} ({env.source}), batch {cfg.loader.batch_size} x {env.world_size} "
+               f"{env.world_size} x {device.type} ({env.source}), {resolve_backend(cfg)} loader, batch {cfg.loader.batch_size} x {env.world_size} "
                f"x accumulation {accum}, {loader.steps_per_epoch} steps/epoch, {total} steps")
 
         logger = MetricsLogger(self.run_dir, env, cfg.metrics.tensorboard)
@@ -272,7 +274,7 @@ class Trainer:
                 window_start = time.perf_counter()
             if step % ckpt_every == 0 or is_last:
                 self._check_finite(first_bad, step)
-                self.ckpt.save(step, engine, {"loader": loader.state_dict()})
+                self._save(step, engine, loader)
                 last_saved = step
             if self.stop is not None and not is_last and self._stop_agreed():
                 summary["interrupted"] = "stop"
@@ -284,7 +286,7 @@ class Trainer:
             summary.setdefault("interrupted", "stop_at_step")
         if last_saved != step:  # stopped between periodic checkpoints
             self._check_finite(first_bad, step)
-            self.ckpt.save(step, engine, {"loader": loader.state_dict()})
+            self._save(step, engine, loader)
         if rates:
             summary["images_per_sec_per_process"] = float(np.mean(rates))
             summary["images_per_sec"] = float(np.mean(rates)) * env.world_size
@@ -297,6 +299,10 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.stop_group)
         return bool(flag)
+
+    def _save(self, step: int, engine, loader) -> None:
+        rank_state = {"loader": loader.rank_state_dict()} if hasattr(loader, "rank_state_dict") else None
+        self.ckpt.save(step, engine, {"loader": loader.state_dict()}, rank_state)
 
     def _check_finite(self, first_bad: torch.Tensor, step: int) -> None:
         bad = first_bad.clone()

@@ -71,18 +71,54 @@ def test_epochs_cover_each_sample_once_and_reshuffle(jpeg_shards):
     assert loader.state_dict() == {"epoch": 2, "batch": 1}
 
 
-def test_resume_mid_epoch_continues_exactly(jpeg_shards):
+def _state_after(shards: str, n: int) -> tuple[dict, dict]:
+    """In a fresh process: the loader's job and rank state after ``n`` batches."""
+    loader = D.DaliLoader(make_cfg(shards), DistEnv(), torch.device("cpu"))
+    it = iter(loader)  # kept alive, as in the trainer: the state is taken between two batches
+    for _ in range(n):
+        next(it)
+    return loader.state_dict(), loader.rank_state_dict()
+
+
+def _resume(cfg, state: dict, rank_state: dict | None) -> tuple[list, list]:
+    """Batches of a loader resumed at ``state``, and the DALI checkpoints its pipelines were built from."""
+    loader = D.DaliLoader(cfg, DistEnv(), torch.device("cpu"))
+    built, build = [], loader.build_pipeline
+    loader.build_pipeline = lambda epoch, checkpoint=None: built.append(checkpoint) or build(epoch, checkpoint)
+    loader.load_state_dict(state)
+    if rank_state is not None:
+        loader.load_rank_state_dict(rank_state)
+    return take(loader, 2), built
+
+
+@pytest.mark.parametrize("how", ["dali_checkpoint", "replay"])
+def test_resume_mid_epoch_continues_exactly(jpeg_shards, how):
     cfg = make_cfg(jpeg_shards)
     steps = D.DaliLoader(cfg, DistEnv(), torch.device("cpu")).steps_per_epoch
     ref = take(D.DaliLoader(cfg, DistEnv(), torch.device("cpu")), steps + 3)
-    for state, first in (({"epoch": 0, "batch": 5}, 5), ({"epoch": 1, "batch": 1}, steps + 1)):
-        resumed = D.DaliLoader(cfg, DistEnv(), torch.device("cpu"))
-        resumed.load_state_dict(state)
-        got = take(resumed, 2)
+    for first in (5, steps + 1):
+        # the state is taken in another process, as after a crash: DALI's checkpoint must travel
+        (state, rank_state), = run_ranks(_state_after, str(jpeg_shards), first, world_size=1, init_pg=False)
+        assert state == {"epoch": first // steps, "batch": first % steps}
+        assert "dali" in rank_state and rank_state["epoch"] == state["epoch"]
+        got, built = _resume(cfg, state, rank_state if how == "dali_checkpoint" else None)
+        # restored: one pipeline built from the checkpoint; replay: built fresh, its first batches discarded
+        assert built == ([rank_state["dali"]] if how == "dali_checkpoint" else [None])
         for g, r in zip(got, ref[first : first + 2]):
             assert g.keys == r.keys
             for a, b in zip(g.views, r.views):
-                assert torch.equal(a, b)  # same seeds: the fast-forwarded epoch is the uninterrupted one
+                assert torch.equal(a, b)  # same reader position and generator states as the uninterrupted run
+
+
+def test_unusable_dali_checkpoint_falls_back_to_replay(jpeg_shards):
+    cfg = make_cfg(jpeg_shards)
+    ref = take(D.DaliLoader(cfg, DistEnv(), torch.device("cpu")), 6)
+    got, built = _resume(cfg, {"epoch": 0, "batch": 4}, {"epoch": 0, "batch": 4, "dali": b"not a checkpoint"})
+    assert built == [b"not a checkpoint", None]
+    assert [g.keys for g in got] == [r.keys for r in ref[4:6]]
+    # a checkpoint of another position is not used at all
+    got, built = _resume(cfg, {"epoch": 0, "batch": 4}, _state_after(str(jpeg_shards), 3)[1])
+    assert built == [None] and [g.keys for g in got] == [r.keys for r in ref[4:6]]
 
 
 def _rank_keys(shards: str, epochs: int) -> tuple[int, list[list[str]]]:
@@ -206,3 +242,15 @@ def test_mixed_decode_on_the_gpu(jpeg_shards):
     batch = take(loader, 1)[0]
     assert all(v.is_cuda and v.shape == (4, 3, 16, 16) for v in batch.views)
     assert batch.labels.is_cuda
+
+
+def test_auto_backend_is_dali_where_installed_and_readable(jpeg_shards):
+    from pipeline.data.loader import build_loader, resolve_backend
+
+    cfg = make_cfg(jpeg_shards, backend="auto")
+    assert cfg.loader.backend == "auto" == config_from_dict({}).loader.backend  # the default
+    assert resolve_backend(cfg) == "dali"
+    assert isinstance(build_loader(cfg, DistEnv(), torch.device("cpu")), D.DaliLoader)
+    cfg.data.label_key = "label.txt"  # a field the DALI backend does not read: auto keeps to torch
+    assert resolve_backend(cfg) == "torch"
+    assert isinstance(build_loader(cfg, DistEnv(), torch.device("cpu")), TorchLoader)

@@ -49,9 +49,12 @@ def _last_lines_per_step(run_dir: Path) -> dict[tuple[int, int, int], list[str]]
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(fmnist_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(fmnist_shards, tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
     common = {"train.steps": 40, "checkpoint.every_steps": 5, "metrics.log_every": 5, "metrics.sample_keys": True,
-              "launcher.nprocs": 2}
+              "launcher.nprocs": 2, "loader.backend": backend}
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
     _run(tiny_overrides(fmnist_shards, ref_dir, **common))
 
@@ -73,6 +76,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(fmnist_shards, 
     resume_point = latest.resolve()
     out = _run(tiny_overrides(fmnist_shards, run_dir, **common))  # checkpoint.resume=auto picks up `latest`
     assert f"resumed from {resume_point} at step {killed_at}" in out.stdout + out.stderr
+    assert f"{backend} loader" in out.stdout + out.stderr
+    if backend == "dali":  # restored from DALI's own checkpoint, not by decoding the epoch's first batches again
+        assert f"resumes at batch {killed_at % 32} from DALI's checkpoint" in out.stdout + out.stderr
 
     ref = load_file(ref_dir / "export" / "model.safetensors")
     got = load_file(run_dir / "export" / "model.safetensors")

@@ -13,10 +13,13 @@ How an epoch is split, compared with the torch backend (``pipeline.data.loader``
   reader buffer (``random_shuffle``, ``initial_fill = loader.shuffle_buffer``, seeded by seed/epoch/rank),
   not webdataset's; and augmentation draws come from DALI's per-operator generators (seeded by
   seed/epoch/rank), not from per-sample torch seeds, so the two backends see different crops of a sample.
-- Resume: DALI's reader cannot seek to a sample. A run resumed at ``{"epoch": e, "batch": k}`` rebuilds epoch
-  ``e``'s pipeline (same seeds) and runs and discards its first ``k`` batches: the batches that follow are
-  exactly those of an uninterrupted run, at the cost of decoding and augmenting ``k`` batches again (at most
-  one epoch's worth, once per resume).
+- Resume: pipelines are built with ``enable_checkpointing=True`` and every checkpoint of the run stores, per
+  rank, DALI's own checkpoint of that rank's pipeline (reader position and every random generator, taken from
+  ``DALIGenericIterator.checkpoints()``, which accounts for prefetched batches). A resume on the same number of
+  ranks restores it: the next batch is the one an uninterrupted run would have produced, with no replay. Without
+  a usable DALI checkpoint (another number of ranks, another DALI version, a checkpoint from a torch-backend
+  run) the loader rebuilds epoch ``e``'s pipeline (same seeds) and runs and discards its first ``k`` batches:
+  still exact, at the cost of decoding ``k`` batches again (at most one epoch's worth, once per resume).
 
 Bad data: a sample without the image field is skipped by the reader (``missing_component_behavior="skip"``)
 and counted from the index files before the run starts (``DaliLoader.skipped``). A sample whose image does not
@@ -188,15 +191,16 @@ def _solarize_sometimes(out, prob: float):
 def dali_pipeline(
     recipe: Recipe, *, paths: list[str], index_paths: list[str], exts: list[str], batch_size: int, num_threads: int,
     device_id: int | None, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int, reader_seed: int,
-    seed: int, prefetch: int, with_label: bool, with_text: bool,
+    seed: int, prefetch: int, with_label: bool, with_text: bool, checkpoint: bytes | None = None,
 ):
-    """Build (not start) the DALI pipeline of one epoch. Outputs: one tensor per view, ``source_info`` bytes
-    (``shard.tar:offset:member``, zero padded), then the label and caption bytes when present."""
+    """Build (not start) the DALI pipeline of one epoch, restored from ``checkpoint`` (``Pipeline.checkpoint()``
+    of the same graph) if given. Outputs: one tensor per view, ``source_info`` bytes (``shard.tar:offset:member``,
+    zero padded), then the label and caption bytes when present."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def graph():
         wanted = [";".join(exts)] + (["cls"] if with_label else []) + (["txt"] if with_text else [])
         fields = fn.readers.webdataset(
@@ -213,7 +217,7 @@ def dali_pipeline(
         return (*views, *meta)
 
     return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                 prefetch_queue_depth=prefetch, exec_dynamic=True)
+                 prefetch_queue_depth=prefetch, exec_dynamic=True, checkpoint=checkpoint)
 
 
 def _strings(t: torch.Tensor) -> list[str]:
@@ -276,25 +280,40 @@ class DaliLoader:
             print(f"dali loader: skipping {self.skipped} samples of {self.shards.root} without a "
                   f"{'/'.join(self.image_exts)} field")
         self.epoch, self.batch = 0, 0
+        self._it = None  # the running epoch's DALIGenericIterator
+        self._restore: bytes | None = None  # DALI checkpoint of (epoch, batch) to resume from
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._restore = None
+
+    def rank_state_dict(self) -> dict:
+        """This rank's DALI checkpoint at the current position (none before the first batch of an epoch)."""
+        state: dict = {"epoch": self.epoch, "batch": self.batch}
+        if self._it is not None and 0 < self.batch < self.steps_per_epoch:
+            state["dali"] = self._it.checkpoints()[0]
+        return state
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """Use the saved DALI checkpoint if it was taken at the position ``load_state_dict`` set."""
+        if state.get("dali") and (state.get("epoch"), state.get("batch")) == (self.epoch, self.batch):
+            self._restore = state["dali"]
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            for batch in self._epoch_batches(self.epoch, self.batch):
+            for batch in self._epoch_batches(self.epoch, self.batch, self._restore):
                 self.batch += 1
                 yield batch
-            self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch, self.batch, self._restore = self.epoch + 1, 0, None
 
     def _seeds(self, epoch: int) -> tuple[int, int]:
         base = (self.seed * 1_000_003 + epoch) * 1_009 + self.env.rank
         return base % (2**31 - 1), (base * 7_919 + 17) % (2**31 - 1)
 
-    def build_pipeline(self, epoch: int):
+    def build_pipeline(self, epoch: int, checkpoint: bytes | None = None):
         order = shard_order(len(self.index), self.seed, epoch, self.shuffle)
         reader_seed, seed = self._seeds(epoch)
         gpu = self.device.type == "cuda"
@@ -305,21 +324,44 @@ class DaliLoader:
             device_id=(self.device.index if self.device.index is not None else self.env.local_rank) if gpu else None,
             shard_id=self.env.rank, num_shards=self.env.world_size, shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer, reader_seed=reader_seed, seed=seed, prefetch=self.prefetch,
-            with_label=self.with_label, with_text=self.with_text,
+            with_label=self.with_label, with_text=self.with_text, checkpoint=checkpoint,
         )
 
-    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+    def _epoch_batches(self, epoch: int, start: int, checkpoint: bytes | None = None) -> Iterator[Batch]:
+        """Batches ``start..steps_per_epoch`` of ``epoch``: from the DALI ``checkpoint`` taken at ``start`` if
+        there is one, else by replaying and discarding the first ``start`` batches."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        pipe = self.build_pipeline(epoch)
+        if start >= self.steps_per_epoch:
+            return
         n_views = len(self.recipe.views)
         names = [f"view{i}" for i in range(n_views)] + ["source_info"]
         names += ["label"] * self.with_label + ["text"] * self.with_text
-        # No reader_name/size: the iterator would stop at the end of this rank's range, which may hold a few
-        # more batches than steps_per_epoch; we take exactly steps_per_epoch and drop the pipeline.
-        it = DALIGenericIterator([pipe], names, size=-1, auto_reset=False, prepare_first_batch=False)
+
+        def start_pipeline(ckpt: bytes | None):
+            # No reader_name/size: the iterator would stop at the end of this rank's range, which may hold a few
+            # more batches than steps_per_epoch; we take exactly steps_per_epoch and drop the pipeline.
+            pipe = self.build_pipeline(epoch, ckpt)
+            return pipe, DALIGenericIterator([pipe], names, size=-1, auto_reset=False, prepare_first_batch=False)
+
+        first = skip = 0
+        if checkpoint is not None:
+            try:
+                pipe, it = start_pipeline(checkpoint)
+                first = start
+            except RuntimeError as exc:
+                print(f"rank {self.env.rank}: cannot restore DALI's checkpoint ({str(exc).strip().splitlines()[-1]});"
+                      f" replaying {start} batches of epoch {epoch} instead")
+                checkpoint = None
+        if checkpoint is None:
+            pipe, it = start_pipeline(None)
+            skip = start
+        if start and self.env.is_main:
+            how = "from DALI's checkpoint" if checkpoint is not None else f"by replaying {start} batches"
+            print(f"dali loader: epoch {epoch} resumes at batch {start} {how}")
+        self._it = it
         try:
-            for b in range(self.steps_per_epoch):
+            for b in range(first, self.steps_per_epoch):
                 try:
                     out = next(it)[0]
                 except StopIteration:
@@ -332,6 +374,7 @@ class DaliLoader:
                     continue  # fast-forward of a resumed epoch: same seeds, so the kept batches are exact
                 yield self._to_batch(out, n_views)
         finally:
+            self._it = None
             del it, pipe
 
     def _to_batch(self, out: dict[str, torch.Tensor], n_views: int) -> Batch:

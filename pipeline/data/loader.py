@@ -14,6 +14,7 @@ of at most one shard twice per rank boundary, never a decode.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import random
@@ -61,7 +62,12 @@ class Batch:
 
 
 class Loader(Protocol):
-    """What the trainer needs of a loader (torch, DALI and synthetic backends all provide it)."""
+    """What the trainer needs of a loader (torch, DALI and synthetic backends all provide it).
+
+    ``state_dict`` is the job's position (the same on every rank). A backend with per-rank state may also define
+    ``rank_state_dict() -> dict`` and ``load_rank_state_dict(state)``: the trainer saves it beside each rank's RNG
+    state and hands it back on a resume with the same number of ranks, after ``load_state_dict``.
+    """
 
     steps_per_epoch: int
 
@@ -310,11 +316,23 @@ class SyntheticLoader:
             yield Batch(views, labels, self.texts)
 
 
+def resolve_backend(cfg: Config) -> str:
+    """``loader.backend``, with ``auto`` resolved: DALI wherever it is installed and can read the configured
+    fields (labels from ``.cls``, captions from ``.txt``), else torch."""
+    backend = cfg.loader.backend
+    if backend != "auto":
+        return backend
+    if importlib.util.find_spec("nvidia.dali") is None or cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
+        return "torch"
+    return "dali"
+
+
 def build_loader(cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None) -> Loader:
-    """The training loader of ``cfg.loader.backend``."""
-    if cfg.loader.backend == "synthetic":
+    """The training loader of ``cfg.loader.backend`` (see :func:`resolve_backend`)."""
+    backend = resolve_backend(cfg)
+    if backend == "synthetic":
         return SyntheticLoader(cfg, env, device, recipe)
-    if cfg.loader.backend == "dali":
+    if backend == "dali":
         from pipeline.data.dali_loader import DaliLoader
 
         return DaliLoader(cfg, env, device, recipe=recipe)
