@@ -260,6 +260,10 @@ class MethodConfig:
     """Hidden width of the projection MLP (SimCLR, MoCo v3, BYOL, Barlow Twins, VICReg)."""
     proj_dim: int = 128
     """Output width of the projection MLP."""
+    sync_bn: bool = True
+    """BatchNorm in the heads (MoCo v3, BYOL, Barlow Twins, VICReg) normalises with the statistics of the global
+    batch, all ranks together, as the papers' SyncBatchNorm; false: each rank's own batch (cheaper, but the
+    statistics then depend on the per-rank batch size)."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)

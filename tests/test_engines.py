@@ -40,6 +40,7 @@ from pipeline.methods.simclr import SimCLR
 from pipeline.models import ema_update
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+BYOL = QUICKSTART.with_name("byol.yaml")
 RTOL, ATOL = 1e-5, 1e-6
 """fp32 agreement of loss trajectories and weights across engines (different reduction orders may differ in
 the last bits; nothing here is allowed to differ by more)."""
@@ -346,6 +347,55 @@ def test_teacher_is_held_like_the_student(scenario, engine):
             assert local == -(-numel // 2)
         else:
             assert local == numel
+
+
+# -- BatchNorm heads with global statistics under every engine ---------------------------------------------
+
+def _byol_steps(world: int) -> dict:
+    """BYOL (BatchNorm in projector and predictor, ``method.sync_bn`` on) under each engine, on this rank's rows
+    of one fixed global batch of 16: the losses of 2 optimizer steps. ``ddp_per_rank_bn`` turns ``method.sync_bn``
+    off."""
+    from pipeline.config import load_config
+    from pipeline.distributed import read_dist_env
+    from pipeline.engines import build_engine
+    from pipeline.methods import build_method
+
+    env = read_dist_env()
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(16, 3, 28, 28, generator=g) for _ in range(2)]
+    rows = slice(env.rank * 16 // world, (env.rank + 1) * 16 // world)
+    variants = {**ENGINES, "ddp_per_rank_bn": {"engine.name": "ddp", "method.sync_bn": False}} if world > 1 else {
+        "ddp": ENGINES["ddp"]}
+    out = {}
+    for name, engine in variants.items():
+        overrides = {"model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "method.proj_hidden_dim": 64,
+                     "method.proj_dim": 32, "method.byol.pred_hidden_dim": 64, "loader.batch_size": 16 // world,
+                     "optim.warmup_steps": 0, **engine}
+        cfg = load_config(BYOL, [f"{k}={v}" for k, v in overrides.items()])
+        torch.manual_seed(cfg.run.seed)
+        method = build_method(cfg)
+        eng = build_engine(cfg, env, torch.device("cpu"))
+        eng.setup(method, 2)
+        losses = []
+        for _ in range(2):
+            loss, _ = eng.micro_step(Batch([v[rows] for v in views]), sync=True, scale=1.0)
+            eng.step()
+            losses.append(loss.item())
+        out[name] = losses
+    return out
+
+
+def test_head_batchnorm_is_global_under_every_engine():
+    """BYOL's head BatchNorm under DDP, FSDP2 and ZeRO-1/2/3 on 2 ranks, each holding half of a batch: the mean
+    rank loss of two optimizer steps equals one process on the whole batch (gradients and running statistics
+    are checked exactly in test_methods; here the point is that the module runs as it should inside each engine's
+    wrapping). Per-rank BatchNorm does not match, so the check can fail."""
+    single = torch.tensor(_byol_steps(1)["ddp"], dtype=torch.float64)
+    ranks = run_ranks(_byol_steps, 2)
+    for name in [*ENGINES, "ddp_per_rank_bn"]:
+        losses = torch.tensor([r[name] for r in ranks], dtype=torch.float64).mean(0)
+        close = torch.allclose(losses, single, rtol=RTOL, atol=ATOL)
+        assert close == (name != "ddp_per_rank_bn"), (name, losses.tolist(), single.tolist())
 
 
 # -- FSDP2: a 2-rank checkpoint on 1 rank -------------------------------------------------------------------

@@ -306,6 +306,64 @@ def test_cross_rank_losses_match_single_process():
         np.testing.assert_allclose(r["dino_center"], single["dino_center"], rtol=1e-6)
 
 
+def _bn_heads_on_rank(world: int) -> dict:
+    """Every registered method with BatchNorm in its heads, ``method.sync_bn`` on and off: this rank's loss,
+    parameter gradients and BatchNorm running statistics after one forward/backward on its rows of one fixed
+    global batch of 16 (all 16 when ``world`` is 1)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if world > 1 else 0
+    out = {}
+    for name in REGISTERED:
+        for sync in (True, False):
+            cfg = tiny_config(name, [f"method.sync_bn={sync}"])
+            torch.manual_seed(0)
+            method = build_method(cfg)
+            if not any(isinstance(m, torch.nn.BatchNorm1d) for m in method.modules()):
+                break
+            full = random_batch(cfg, method, b=16)
+            rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
+            loss, _ = method(Batch([v[rows] for v in full.views], full.labels[rows]))
+            loss.backward()
+            out[name, sync] = {
+                "loss": loss.item(),
+                "grads": {n: p.grad.numpy() for n, p in method.named_parameters() if p.grad is not None},
+                "stats": {n: b.numpy() for n, b in method.named_buffers() if "running_" in n},
+            }
+    return out
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray, floor: float = 1e-12) -> float:
+    """Relative error; ``floor`` keeps gradients that are zero in exact arithmetic (a bias feeding a
+    BatchNorm) from dividing rounding noise by rounding noise."""
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor))
+
+
+def test_head_batchnorm_uses_global_batch_statistics():
+    """With ``method.sync_bn`` (the default), 2 gloo ranks each holding half of a batch give what one process
+    gives on the whole batch: mean rank loss, rank-averaged gradients (what DDP applies) of every parameter,
+    and the BatchNorm running statistics. With per-rank BatchNorm (``sync_bn=false``) they do not, which
+    shows the comparison can fail."""
+    single = _bn_heads_on_rank(1)
+    ranks = run_ranks(_bn_heads_on_rank, 2)
+    methods = sorted({name for name, _ in single})
+    assert {"mocov3", "byol"} <= set(methods), methods
+    for name in methods:
+        ref = single[name, True]
+        for sync in (True, False):
+            got = [r[name, sync] for r in ranks]
+            loss_err = abs(np.mean([g["loss"] for g in got]) - ref["loss"]) / abs(ref["loss"])
+            floor = 1e-3 * np.sqrt(sum(np.sum(w ** 2) for w in ref["grads"].values()))
+            grad_err = max(_rel_err(np.mean([g["grads"][n] for g in got], axis=0), want, floor)
+                           for n, want in ref["grads"].items())
+            stat_err = max(_rel_err(g["stats"][n], want, 1e-3) for g in got for n, want in ref["stats"].items())
+            if sync:
+                assert got[0]["grads"].keys() == ref["grads"].keys()
+                assert loss_err < 1e-5 and grad_err < 1e-4 and stat_err < 1e-4, (name, loss_err, grad_err, stat_err)
+            else:
+                assert max(grad_err, stat_err) > 1e-2, (name, "per-rank BatchNorm matched the global batch")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real runs on shards: the loss decreases, the encoder exports to timm, teachers resume exactly
 
