@@ -230,6 +230,9 @@ class DINOConfig:
     center_momentum: float = 0.9
     momentum: float = 0.996
     """Initial EMA momentum of the teacher; rises to 1 along a cosine over training."""
+    freeze_last_layer_steps: int = 0
+    """Optimizer steps during which the head's last (prototype) layer stays as initialised (DINO's
+    ``freeze_last_layer``, 1 epoch in its code): its learning rate is held at 0."""
 
 
 @dataclass
@@ -321,6 +324,9 @@ class OptimConfig:
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay; never applied to biases, norms, position embeddings or tokens."""
+    weight_decay_end: float | None = None
+    """Weight decay at the last step, reached along a cosine from ``weight_decay`` (DINO: 0.04 -> 0.4); None
+    keeps ``weight_decay`` throughout."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 100
@@ -334,6 +340,9 @@ class OptimConfig:
             raise ConfigError(f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay_end is not None and self.weight_decay_end > 0 and self.weight_decay <= 0:
+            raise ConfigError("optim.weight_decay_end needs optim.weight_decay > 0: the schedule applies to the "
+                              "parameter groups that start with weight decay")
 
 
 @dataclass

@@ -102,6 +102,39 @@ def test_preset_forward_backward_and_teachers(name):
         torch.testing.assert_close(p, m * before[n] + (1 - m) * src, rtol=1e-6, atol=1e-7)
 
 
+def test_dino_freezes_last_layer_and_schedules_weight_decay():
+    """Through the real engine (optimizer and schedule): DINO's last layer stays exactly as initialised for
+    ``freeze_last_layer_steps`` optimizer steps while the rest of the network trains, then moves; every
+    step's weight decay is the cosine from ``optim.weight_decay`` to ``optim.weight_decay_end`` on the groups
+    that decay and 0 on the others."""
+    from pipeline.distributed import DistEnv
+    from pipeline.engines import build_engine
+    from pipeline.schedules import cosine
+
+    total, frozen = 6, 3
+    cfg = tiny_config("dino", [f"method.dino.freeze_last_layer_steps={frozen}", "optim.weight_decay=0.04",
+                               "optim.weight_decay_end=0.4", "optim.warmup_steps=1"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    engine = build_engine(cfg, DistEnv(), torch.device("cpu"))
+    engine.setup(method, total)
+    last = method.head.last_layer.weight
+    initial = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    wds = cosine(total, 0.04, 0.4)
+    for step in range(total):
+        groups = engine.optimizer.param_groups
+        assert sorted(g["weight_decay"] for g in groups) == pytest.approx([0.0, wds[step], wds[step]]), step
+        assert [g["lr"] == 0 for g in groups] == [False, False, step < frozen], step
+        engine.micro_step(random_batch(cfg, method, seed=step), sync=True, scale=1.0)
+        assert last.grad is not None and last.grad.abs().sum() > 0  # the gradient exists; only the update is held
+        engine.step()
+        method.after_step(step, total)
+        moved = [n for n, p in method.named_parameters() if p.requires_grad and not torch.equal(p, initial[n])]
+        assert ("head.last_layer.weight" in moved) == (step >= frozen), (step, moved)
+        assert len(moved) >= len(initial) - 1, f"step {step}: only {moved} changed"
+    assert wds[0] == pytest.approx(0.04) and wds[-1] == pytest.approx(0.4)
+
+
 def test_ema_momentum_schedule():
     from pipeline.methods.base import Method
 
