@@ -1,5 +1,6 @@
-"""Every registered method: losses against their formulas, cross-rank terms against a single process on the
-concatenated batch (2 gloo ranks), EMA teachers, checkpoint resume, and a short real run that exports to timm.
+"""Every registered method: losses against their formulas, cross-rank terms (losses and head BatchNorm) against a
+single process on the concatenated batch (2 gloo ranks), EMA teachers, the loss going down on a fixed batch with
+moving targets held, checkpoint resume, and a short real run that exports to timm.
 
 Parametrised over ``METHODS``: a new method is covered by registering it (and giving it ``configs/<name>.yaml``).
 """
@@ -133,6 +134,69 @@ def test_dino_freezes_last_layer_and_schedules_weight_decay():
         assert ("head.last_layer.weight" in moved) == (step >= frozen), (step, moved)
         assert len(moved) >= len(initial) - 1, f"step {step}: only {moved} changed"
     assert wds[0] == pytest.approx(0.04) and wds[-1] == pytest.approx(0.4)
+
+
+HELD_TARGETS = {
+    # Objectives whose target moves with training, held still so that the loss on a fixed batch is one fixed
+    # function of the trained weights: EMA teachers at momentum 1 (their initial copies), and DINO's centre
+    # (momentum 1 keeps it at 0) and teacher temperature. Without this DINO's loss rises on a fixed batch
+    # (2.5 -> 5.9 in 30 steps: the centre flattens the teacher's targets), which is DINO working, not failing.
+    "mocov3": ["method.mocov3.momentum=1.0"],
+    "byol": ["method.byol.momentum=1.0"],
+    "dino": ["method.dino.momentum=1.0", "method.dino.center_momentum=1.0", "method.dino.teacher_temp=0.04",
+             "method.dino.warmup_teacher_temp=0.04"],
+}
+NOT_TARGETS = ("running_mean", "running_var", "num_batches_tracked", "steps_done")
+"""State that changes in training without changing the loss: BatchNorm statistics (the loss is taken in train
+mode, on batch statistics) and DINO's step counter (it only moves the teacher temperature, held above)."""
+
+
+def _loss_on(method, batch: Batch) -> float:
+    torch.manual_seed(1)  # the same random masks (MAE) at every evaluation
+    with torch.no_grad():
+        return method(batch)[0].item()
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_loss_decreases_on_a_fixed_batch(name):
+    """30 optimizer steps of the real engine on one fixed batch of 16 bring the method's own loss on that batch
+    to under 0.9x its initial value (measured 0.02x-0.79x across methods), with every moving target held
+    (``HELD_TARGETS``); that the held state really stayed put is asserted, so the loss measured is the student's
+    against a fixed objective. A method that does not learn (no or wrong gradients, a frozen network, an
+    optimizer that skips it) fails; a method whose target moves must say how to hold it."""
+    steps = 30
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as train.threads=1 in the runs below: tiny ops only thrash a shared 2-core machine
+    try:
+        before, after, moved = _train_on_fixed_batch(name, steps)
+    finally:
+        torch.set_num_threads(threads)
+    assert not moved, f"{name}: targets moved during the check ({moved[:3]}): hold them in HELD_TARGETS"
+    assert after < 0.9 * before, f"{name}: loss on a fixed batch {before:.4f} -> {after:.4f} in {steps} steps"
+
+
+def _train_on_fixed_batch(name: str, steps: int) -> tuple[float, float, list[str]]:
+    """Loss on the batch before and after ``steps`` steps on it, and the held state that moved."""
+    from pipeline.distributed import DistEnv
+    from pipeline.engines import build_engine
+
+    cfg = tiny_config(name, [*HELD_TARGETS.get(name, []), "optim.warmup_steps=0", f"train.steps={steps}"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    engine = build_engine(cfg, DistEnv(), torch.device("cpu"))
+    engine.setup(method, steps)
+    batch = random_batch(cfg, method, b=16)
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    held = {n: t.clone() for n, t in method.state_dict().items() if n not in trainable and not n.endswith(NOT_TARGETS)}
+    before = _loss_on(method, batch)
+    torch.manual_seed(2)
+    for step in range(steps):
+        engine.micro_step(batch, sync=True, scale=1.0)
+        engine.step()
+        method.after_step(step, steps)
+    after = _loss_on(method, batch)
+    state = method.state_dict()
+    return before, after, [n for n, t in held.items() if not torch.equal(state[n], t)]
 
 
 def test_ema_momentum_schedule():
@@ -398,7 +462,7 @@ def test_head_batchnorm_uses_global_batch_statistics():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Real runs on shards: the loss decreases, the encoder exports to timm, teachers resume exactly
+# Real runs on shards: the encoder exports to timm, teachers resume exactly
 
 
 @pytest.fixture(scope="session")
@@ -433,10 +497,12 @@ def _final_state(run_dir: Path, cfg) -> dict[str, torch.Tensor]:
     return DDPEngine.read_model_state(run_dir / "checkpoints" / "latest", build_method(cfg))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    reason="SimCLR's loss is not reliably lower after this few-step tiny run (seen once at 3.80 -> 3.91); "
-           "needs a longer budget for the decrease check", strict=False)) if n == "simclr" else n for n in REGISTERED])
-def test_short_run_learns_exports_and_resumes(name, fmnist_shards, fmnist_caption_shards, tmp_path):
+@pytest.mark.parametrize("name", REGISTERED)
+def test_short_run_exports_and_resumes(name, fmnist_shards, fmnist_caption_shards, tmp_path):
+    """8 real steps on Fashion-MNIST shards: finite losses, an export that loads strictly into timm, and a
+    resume from the step-4 checkpoint that ends bit-for-bit where the run ended. (That the loss goes down is
+    checked on a fixed batch with held targets in test_loss_decreases_on_a_fixed_batch: 8 freshly augmented
+    batches, with targets that move, were too noisy for it.)"""
     import shutil
 
     import timm
@@ -449,9 +515,7 @@ def test_short_run_learns_exports_and_resumes(name, fmnist_shards, fmnist_captio
     summary = train(cfg)
     assert summary["steps"] == 8
     losses = [json.loads(line)["loss"] for line in (run_a / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(v) for v in losses)
-    # logged every 2 steps; EMA-teacher targets move, so compare the later half's mean with the first window
-    assert np.mean(losses[len(losses) // 2:]) < losses[0], f"{name}: loss did not decrease: {losses}"
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
     meta = json.loads((run_a / "export" / "config.json").read_text())
     model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])
