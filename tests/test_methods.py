@@ -467,19 +467,19 @@ def test_head_batchnorm_uses_global_batch_statistics():
 
 @pytest.fixture(scope="session")
 def fmnist_caption_shards(tmp_path_factory, fmnist_shards) -> Path:
-    """The first 512 Fashion-MNIST train images with templated captions (image + txt shards)."""
-    from pipeline.config import FMNIST_TEMPLATES
-    from pipeline.data.shards import FASHION_MNIST_CLASSES, Item, read_idx, write_shards
-    from tests.conftest import FASHION_MNIST
+    """The first 512 Fashion-MNIST train images with templated captions, written by the CLI
+    (``pipeline shards write --format idx ... --captions``), as configs/clip.yaml's shards are."""
+    from pipeline.cli import main
+    from pipeline.data.shards import read_idx
+    from tests.conftest import FASHION_MNIST, write_idx
 
-    imgs = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")[:512]
-    labs = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")[:512]
-    items = [Item(f"train[{i}]", imgs[i], "png", int(labs[i]),
-                  FMNIST_TEMPLATES[i % len(FMNIST_TEMPLATES)].format(FASHION_MNIST_CLASSES[int(labs[i])].lower()))
-             for i in range(512)]
-    out = tmp_path_factory.mktemp("fmnist_captions") / "train"
-    write_shards(items, out, shard_size=200, classes=FASHION_MNIST_CLASSES, progress=False)
-    return out
+    root = tmp_path_factory.mktemp("fmnist_captions")
+    images = write_idx(root / "images.gz", read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")[:512])
+    labels = write_idx(root / "labels.gz", read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")[:512])
+    assert main(["shards", "write", "--format", "idx", "--input", str(images), "--labels", str(labels),
+                 "--classes", "fashion-mnist", "--captions", "--output", str(root / "train"), "--shard-size", "200",
+                 "--no-progress"]) == 0
+    return root / "train"
 
 
 def _run_config(name, shards, run_dir, caption_shards):

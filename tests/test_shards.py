@@ -151,3 +151,40 @@ def test_cli_writes_fashion_mnist_subset(tmp_path):
     assert "wrote 10000 samples in 3 shards" in out.stdout
     m = S.open_shards(tmp_path / "fm", verify="sha256").manifest
     assert m["classes"][9] == "Ankle boot" and [s["num_samples"] for s in m["shards"]] == [4000, 4000, 2000]
+
+
+def test_cli_captions_labelled_data_from_class_names(image_folder, tmp_path):
+    """``shards write --captions``: every sample of a labelled source gets a txt caption, template i mod n with
+    its lower-cased class name (Fashion-MNIST's zero-shot templates when none are given), labels kept; sources
+    without class names are refused."""
+    from pipeline.cli import main
+    from pipeline.config import FMNIST_TEMPLATES
+    from tests.conftest import write_idx
+
+    arr = (np.arange(8 * 28 * 28) % 251).astype(np.uint8).reshape(8, 28, 28)
+    images, labels = write_idx(tmp_path / "i.gz", arr), write_idx(tmp_path / "l.gz", np.array([0, 5, 9, 3, 1, 2, 8, 7]))
+    idx = ["shards", "write", "--format", "idx", "--input", str(images), "--labels", str(labels), "--classes",
+           "fashion-mnist", "--no-progress"]
+    assert main([*idx, "--captions", "--output", str(tmp_path / "default")]) == 0
+    assert main([*idx, "--captions", "a photo of a {}.", "the {}", "--output", str(tmp_path / "two")]) == 0
+    for out, templates in (("default", FMNIST_TEMPLATES), ("two", ("a photo of a {}.", "the {}"))):
+        m = S.open_shards(tmp_path / out).manifest
+        assert m["fields"] == ["cls", "png", "txt"] and m["num_samples"] == 8
+        with tarfile.open(tmp_path / out / "shard-000000.tar") as tar:
+            for i, label in enumerate([0, 5, 9, 3, 1, 2, 8, 7]):
+                assert tar.extractfile(f"{i:09d}.cls").read() == str(label).encode()
+                caption = templates[i % len(templates)].format(S.FASHION_MNIST_CLASSES[label].lower())
+                assert tar.extractfile(f"{i:09d}.txt").read().decode() == caption
+    with tarfile.open(tmp_path / "two" / "shard-000000.tar") as tar:
+        assert tar.extractfile("000000002.txt").read() == b"a photo of a ankle boot."
+
+    assert main(["shards", "write", "--format", "folder", "--input", str(image_folder), "--captions",
+                 "a photo of a {}.", "--output", str(tmp_path / "folder"), "--no-progress"]) == 0
+    with tarfile.open(tmp_path / "folder" / "shard-000000.tar") as tar:
+        captions = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".txt")}
+    assert sorted(set(captions.values())) == [b"a photo of a cat.", b"a photo of a dog."] and len(captions) == 10
+
+    with pytest.raises(SystemExit, match="--captions needs labels with class names"):
+        main(["shards", "write", "--format", "idx", "--input", str(images), "--captions", "--output", str(tmp_path / "x")])
+    with pytest.raises(S.ShardError, match="need a {} for the class name"):
+        main([*idx, "--captions", "a photo", "--output", str(tmp_path / "y")])

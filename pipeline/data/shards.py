@@ -1,7 +1,8 @@
 """Write WebDataset tar shards (+ DALI index files + manifest.json) and read them back safely.
 
 Sources: an image folder (class sub-folders optional), labelled arrays in IDX format (Fashion-MNIST), or
-image+caption pairs (an image with a sibling ``.txt`` whose first line is the caption). Every input image is
+image+caption pairs (an image with a sibling ``.txt`` whose first line is the caption). Labelled sources can
+also be captioned from their class names with templates (``class_captions``). Every input image is
 decoded once before it is written; one that does not decode is reported, skipped and counted in the manifest.
 """
 
@@ -14,8 +15,8 @@ import json
 import os
 import struct
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,19 @@ def caption_items(root: str | Path) -> tuple[Iterator[Item], int]:
             yield Item(str(f), f.read_bytes(), _norm_ext(f.suffix), None, caption)
 
     return gen(), len(files)
+
+
+def class_captions(items: Iterable[Item], classes: list[str], templates: Sequence[str]) -> Iterator[Item]:
+    """Caption each labelled item from its class name: item ``i`` gets ``templates[i % len(templates)]`` with the
+    lower-cased class name for ``{}`` ("a photo of a sandal."). Turns a labelled data set into image+text
+    shards for CLIP, labels kept."""
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ShardError(f"caption templates need a {{}} for the class name, got {list(templates) if not bad else bad}")
+    for i, item in enumerate(items):
+        if item.label is None or not 0 <= item.label < len(classes):
+            raise ShardError(f"{item.source}: no class name for label {item.label} (classes: {classes})")
+        yield replace(item, caption=templates[i % len(templates)].format(classes[item.label].lower()))
 
 
 def _norm_ext(suffix: str) -> str:
