@@ -38,8 +38,8 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
         items = S.class_captions(items, classes, args.captions or FMNIST_TEMPLATES)
     manifest = S.write_shards(
         items, args.output, shard_size=args.shard_size, max_shard_bytes=int(args.max_shard_mb * 2**20),
-        image_format=args.image_format, total=total, source=str(args.input), classes=classes,
-        progress=not args.no_progress,
+        image_format=args.image_format, background=args.background, total=total, source=str(args.input),
+        classes=classes, progress=not args.no_progress,
     )
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.output} "
           f"({manifest['num_skipped']} skipped)")
@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-shard-mb", type=float, default=0, help="also close a shard past this size (0: off)")
     w.add_argument("--image-format", choices=["png", "jpg"], default=None,
                    help="re-encode images (default: keep the source bytes; arrays become png)")
+    w.add_argument("--background", metavar="COLOR",
+                   help="composite images with transparency onto this colour (e.g. white) and store them without "
+                        "alpha (png unless --image-format); the loaders drop alpha, so transparent pixels would "
+                        "show whatever colour they store")
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(fn=cmd_shards_write)
 

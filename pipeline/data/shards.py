@@ -147,8 +147,13 @@ def _norm_ext(suffix: str) -> str:
 # Writing
 
 
-def _encode(item: Item, image_format: str | None) -> tuple[bytes, str, tuple[int, int], str]:
-    """Decode-check the image and return (bytes, ext, (w, h), mode). Raises on an unreadable image."""
+def _encode(item: Item, image_format: str | None, background: str | None = None
+            ) -> tuple[bytes, str, tuple[int, int], str]:
+    """Decode-check the image and return (bytes, ext, (w, h), mode). Raises on an unreadable image.
+
+    ``background``: an image with transparency is composited onto this colour and re-encoded (png unless
+    ``image_format`` says otherwise). The loaders decode to RGB and drop alpha, so transparent pixels would
+    otherwise show whatever colour they happen to store."""
     if isinstance(item.image, np.ndarray):
         img = Image.fromarray(item.image)
         fmt = image_format or "png"
@@ -157,8 +162,12 @@ def _encode(item: Item, image_format: str | None) -> tuple[bytes, str, tuple[int
         img.load()  # decodes every pixel: catches truncated and corrupt files, not just bad headers
         fmt = image_format
     size, mode = img.size, img.mode
-    if fmt is None or (not isinstance(item.image, np.ndarray) and fmt == item.ext):
-        return bytes(item.image), item.ext, size, mode  # keep the original bytes
+    keep = fmt is None or (not isinstance(item.image, np.ndarray) and fmt == item.ext)
+    if background is not None and (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, background), img.convert("RGBA")).convert("RGB")
+        fmt, keep, mode = fmt or "png", False, img.mode
+    if keep:
+        return bytes(item.image), item.ext, size, mode  # the original bytes
     buf = io.BytesIO()
     if fmt == "jpg":
         img.convert("RGB").save(buf, format="JPEG", quality=95)
@@ -217,6 +226,7 @@ def write_shards(
     shard_size: int = 1000,
     max_shard_bytes: int = 0,
     image_format: str | None = None,
+    background: str | None = None,
     total: int | None = None,
     source: str = "",
     classes: list[str] | None = None,
@@ -225,7 +235,8 @@ def write_shards(
     """Write ``items`` into ``output/shard-NNNNNN.tar`` (+ ``.idx``) and ``output/manifest.json``.
 
     Each tar is written under a temporary name and renamed once complete; the manifest is written last, so a
-    folder with a manifest is a complete data set.
+    folder with a manifest is a complete data set. ``background`` (a PIL colour such as ``white``) flattens
+    images with transparency onto that colour (see ``_encode``).
     """
     from tqdm import tqdm
 
@@ -260,7 +271,7 @@ def write_shards(
     bar = tqdm(items, total=total, desc=f"writing {out}", unit="img", disable=not progress, mininterval=1.0)
     for item in bar:
         try:
-            data, ext, _, mode = _encode(item, image_format)
+            data, ext, _, mode = _encode(item, image_format, background)
         except Exception as exc:  # PIL raises many types for bad files
             skipped.append({"item": item.source, "error": f"{type(exc).__name__}: {exc}"})
             bar.write(f"skipping unreadable image {item.source}: {type(exc).__name__}: {exc}")
