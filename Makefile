@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
 DATA := data/fashion-mnist
 
-.PHONY: quickstart test install data lint clean
+.PHONY: quickstart test install data data-captions lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,14 @@ $(DATA)/train/manifest.json $(DATA)/test/manifest.json &: $(VENV)/.installed $(F
 	$(PY) -m pipeline shards write --format idx --classes fashion-mnist --shard-size 5000 \
 	  --input $(FMNIST)/t10k-images-idx3-ubyte.gz --labels $(FMNIST)/t10k-labels-idx1-ubyte.gz --output $(DATA)/test
 
+# Captioned train shards for configs/clip.yaml: each image's txt is a prompt with its class name.
+$(DATA)-captions/train/manifest.json: $(VENV)/.installed $(FMNIST)/train-images-idx3-ubyte.gz
+	$(PY) -m pipeline shards write --format idx --classes fashion-mnist --shard-size 5000 --captions \
+	  --input $(FMNIST)/train-images-idx3-ubyte.gz --labels $(FMNIST)/train-labels-idx1-ubyte.gz --output $(DATA)-captions/train
+
 data: $(DATA)/train/manifest.json
+
+data-captions: $(DATA)-captions/train/manifest.json
 
 quickstart: $(VENV)/.installed data
 	rm -rf runs/quickstart

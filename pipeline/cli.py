@@ -29,10 +29,17 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
         items, total, classes = S.folder_items(args.input)
     else:
         items, total = S.caption_items(args.input)
+    if args.captions is not None:
+        if args.format == "captions" or not classes or (args.format == "idx" and not args.labels):
+            raise SystemExit("pipeline shards write: --captions needs labels with class names: --format idx with "
+                             "--labels and --classes, or --format folder with class sub-folders")
+        from pipeline.config import FMNIST_TEMPLATES
+
+        items = S.class_captions(items, classes, args.captions or FMNIST_TEMPLATES)
     manifest = S.write_shards(
         items, args.output, shard_size=args.shard_size, max_shard_bytes=int(args.max_shard_mb * 2**20),
-        image_format=args.image_format, total=total, source=str(args.input), classes=classes,
-        progress=not args.no_progress,
+        image_format=args.image_format, background=args.background, total=total, source=str(args.input),
+        classes=classes, progress=not args.no_progress,
     )
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.output} "
           f"({manifest['num_skipped']} skipped)")
@@ -137,11 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--input", required=True, help="folder, or IDX images file")
     w.add_argument("--labels", help="IDX labels file (format idx)")
     w.add_argument("--classes", help="class names preset for idx (fashion-mnist)")
+    w.add_argument("--captions", nargs="*", metavar="TEMPLATE",
+                   help="also write a txt caption per sample from its class name, e.g. --captions 'a photo of a "
+                        "{}.' (sample i takes template i mod n); given alone, the zero-shot templates of "
+                        "method.clip.zero_shot_templates. Labelled sources only (idx --classes, class folders)")
     w.add_argument("--output", required=True)
     w.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     w.add_argument("--max-shard-mb", type=float, default=0, help="also close a shard past this size (0: off)")
     w.add_argument("--image-format", choices=["png", "jpg"], default=None,
                    help="re-encode images (default: keep the source bytes; arrays become png)")
+    w.add_argument("--background", metavar="COLOR",
+                   help="composite images with transparency onto this colour (e.g. white) and store them without "
+                        "alpha (png unless --image-format); the loaders drop alpha, so transparent pixels would "
+                        "show whatever colour they store")
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(fn=cmd_shards_write)
 

@@ -231,6 +231,9 @@ class DINOConfig:
     center_momentum: float = 0.9
     momentum: float = 0.996
     """Initial EMA momentum of the teacher; rises to 1 along a cosine over training."""
+    freeze_last_layer_steps: int = 0
+    """Optimizer steps during which the head's last (prototype) layer stays as initialised (DINO's
+    ``freeze_last_layer``, 1 epoch in its code): its learning rate is held at 0."""
 
 
 @dataclass
@@ -261,6 +264,10 @@ class MethodConfig:
     """Hidden width of the projection MLP (SimCLR, MoCo v3, BYOL, Barlow Twins, VICReg)."""
     proj_dim: int = 128
     """Output width of the projection MLP."""
+    sync_bn: bool = True
+    """BatchNorm in the heads (MoCo v3, BYOL, Barlow Twins, VICReg) normalises with the statistics of the global
+    batch, all ranks together, as the papers' SyncBatchNorm; false: each rank's own batch (cheaper, but the
+    statistics then depend on the per-rank batch size)."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
@@ -318,6 +325,9 @@ class OptimConfig:
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay; never applied to biases, norms, position embeddings or tokens."""
+    weight_decay_end: float | None = None
+    """Weight decay at the last step, reached along a cosine from ``weight_decay`` (DINO: 0.04 -> 0.4); None
+    keeps ``weight_decay`` throughout."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 100
@@ -331,6 +341,9 @@ class OptimConfig:
             raise ConfigError(f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay_end is not None and self.weight_decay_end > 0 and self.weight_decay <= 0:
+            raise ConfigError("optim.weight_decay_end needs optim.weight_decay > 0: the schedule applies to the "
+                              "parameter groups that start with weight decay")
 
 
 @dataclass

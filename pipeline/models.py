@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.losses.gather import all_reduce_sum, world
 
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
@@ -36,6 +37,51 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, norm: s
     if last_norm:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that normalises with the statistics of the global batch (every rank's rows) in training, as
+    ``torch.nn.SyncBatchNorm`` does, and as MoCo v3, BYOL, Barlow Twins and VICReg train their heads.
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors (torch 2.14: "expected input tensor to be on GPU"), so the
+    statistics go through the gather module instead: one differentiable all-reduce of the per-feature sums of
+    x and x^2, whose summing backward gives every rank the gradient all ranks' losses send through the
+    statistics (exact under DDP's averaging, as for the global losses in ``pipeline.losses.ssl``). The same code
+    runs on gloo and NCCL and under every engine. One process, or eval mode: plain BatchNorm1d. State dict keys
+    are BatchNorm1d's, so checkpoints move between ``method.sync_bn`` settings."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, ws = world()
+        if ws == 1 or not self.training:
+            return super().forward(x)
+        n = x.shape[0] * ws  # the loaders give every rank the same batch size
+        xf = x.float()
+        mean, mean_sq = (all_reduce_sum(torch.cat([xf.sum(dim=0), xf.pow(2).sum(dim=0)])) / n).chunk(2)
+        var = (mean_sq - mean.pow(2)).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased, as BN
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every ``nn.BatchNorm1d`` in ``module`` for a :class:`GlobalBatchNorm1d` with the same state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            synced = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            synced.requires_grad_(any(p.requires_grad for p in child.parameters()))  # teachers stay frozen
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child)
+    return module
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +46,13 @@ def fmnist_shards(tmp_path_factory) -> dict[str, Path]:
         write_shards(items, root / split, shard_size=300, classes=FASHION_MNIST_CLASSES, progress=False)
         out[split] = root / split
     return out
+
+
+def write_idx(path: Path, arr: np.ndarray) -> Path:
+    """Write a uint8 array as a gzipped IDX file (the format of the Fashion-MNIST files)."""
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes())
+    return path
 
 
 def tiny_overrides(shards: dict[str, Path], run_dir: Path, **extra) -> list[str]:

@@ -1,5 +1,6 @@
-"""Every registered method: losses against their formulas, cross-rank terms against a single process on the
-concatenated batch (2 gloo ranks), EMA teachers, checkpoint resume, and a short real run that exports to timm.
+"""Every registered method: losses against their formulas, cross-rank terms (losses and head BatchNorm) against a
+single process on the concatenated batch (2 gloo ranks), EMA teachers, the loss going down on a fixed batch with
+moving targets held, checkpoint resume, and a short real run that exports to timm.
 
 Parametrised over ``METHODS``: a new method is covered by registering it (and giving it ``configs/<name>.yaml``).
 """
@@ -100,6 +101,102 @@ def test_preset_forward_backward_and_teachers(name):
         teacher, rest = n.split(".", 1)
         src = online[f"{pairs[teacher]}.{rest}"]
         torch.testing.assert_close(p, m * before[n] + (1 - m) * src, rtol=1e-6, atol=1e-7)
+
+
+def test_dino_freezes_last_layer_and_schedules_weight_decay():
+    """Through the real engine (optimizer and schedule): DINO's last layer stays exactly as initialised for
+    ``freeze_last_layer_steps`` optimizer steps while the rest of the network trains, then moves; every
+    step's weight decay is the cosine from ``optim.weight_decay`` to ``optim.weight_decay_end`` on the groups
+    that decay and 0 on the others."""
+    from pipeline.distributed import DistEnv
+    from pipeline.engines import build_engine
+    from pipeline.schedules import cosine
+
+    total, frozen = 6, 3
+    cfg = tiny_config("dino", [f"method.dino.freeze_last_layer_steps={frozen}", "optim.weight_decay=0.04",
+                               "optim.weight_decay_end=0.4", "optim.warmup_steps=1"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    engine = build_engine(cfg, DistEnv(), torch.device("cpu"))
+    engine.setup(method, total)
+    last = method.head.last_layer.weight
+    initial = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    wds = cosine(total, 0.04, 0.4)
+    for step in range(total):
+        groups = engine.optimizer.param_groups
+        assert sorted(g["weight_decay"] for g in groups) == pytest.approx([0.0, wds[step], wds[step]]), step
+        assert [g["lr"] == 0 for g in groups] == [False, False, step < frozen], step
+        engine.micro_step(random_batch(cfg, method, seed=step), sync=True, scale=1.0)
+        assert last.grad is not None and last.grad.abs().sum() > 0  # the gradient exists; only the update is held
+        engine.step()
+        method.after_step(step, total)
+        moved = [n for n, p in method.named_parameters() if p.requires_grad and not torch.equal(p, initial[n])]
+        assert ("head.last_layer.weight" in moved) == (step >= frozen), (step, moved)
+        assert len(moved) >= len(initial) - 1, f"step {step}: only {moved} changed"
+    assert wds[0] == pytest.approx(0.04) and wds[-1] == pytest.approx(0.4)
+
+
+HELD_TARGETS = {
+    # Objectives whose target moves with training, held still so that the loss on a fixed batch is one fixed
+    # function of the trained weights: EMA teachers at momentum 1 (their initial copies), and DINO's centre
+    # (momentum 1 keeps it at 0) and teacher temperature. Without this DINO's loss rises on a fixed batch
+    # (2.5 -> 5.9 in 30 steps: the centre flattens the teacher's targets), which is DINO working, not failing.
+    "mocov3": ["method.mocov3.momentum=1.0"],
+    "byol": ["method.byol.momentum=1.0"],
+    "dino": ["method.dino.momentum=1.0", "method.dino.center_momentum=1.0", "method.dino.teacher_temp=0.04",
+             "method.dino.warmup_teacher_temp=0.04"],
+}
+NOT_TARGETS = ("running_mean", "running_var", "num_batches_tracked", "steps_done")
+"""State that changes in training without changing the loss: BatchNorm statistics (the loss is taken in train
+mode, on batch statistics) and DINO's step counter (it only moves the teacher temperature, held above)."""
+
+
+def _loss_on(method, batch: Batch) -> float:
+    torch.manual_seed(1)  # the same random masks (MAE) at every evaluation
+    with torch.no_grad():
+        return method(batch)[0].item()
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_loss_decreases_on_a_fixed_batch(name):
+    """30 optimizer steps of the real engine on one fixed batch of 16 bring the method's own loss on that batch
+    to under 0.9x its initial value (measured 0.02x-0.79x across methods), with every moving target held
+    (``HELD_TARGETS``); that the held state really stayed put is asserted, so the loss measured is the student's
+    against a fixed objective. A method that does not learn (no or wrong gradients, a frozen network, an
+    optimizer that skips it) fails; a method whose target moves must say how to hold it."""
+    steps = 30
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as train.threads=1 in the runs below: tiny ops only thrash a shared 2-core machine
+    try:
+        before, after, moved = _train_on_fixed_batch(name, steps)
+    finally:
+        torch.set_num_threads(threads)
+    assert not moved, f"{name}: targets moved during the check ({moved[:3]}): hold them in HELD_TARGETS"
+    assert after < 0.9 * before, f"{name}: loss on a fixed batch {before:.4f} -> {after:.4f} in {steps} steps"
+
+
+def _train_on_fixed_batch(name: str, steps: int) -> tuple[float, float, list[str]]:
+    """Loss on the batch before and after ``steps`` steps on it, and the held state that moved."""
+    from pipeline.distributed import DistEnv
+    from pipeline.engines import build_engine
+
+    cfg = tiny_config(name, [*HELD_TARGETS.get(name, []), "optim.warmup_steps=0", f"train.steps={steps}"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    engine = build_engine(cfg, DistEnv(), torch.device("cpu"))
+    engine.setup(method, steps)
+    batch = random_batch(cfg, method, b=16)
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    held = {n: t.clone() for n, t in method.state_dict().items() if n not in trainable and not n.endswith(NOT_TARGETS)}
+    before = _loss_on(method, batch)
+    torch.manual_seed(2)
+    for step in range(steps):
+        engine.micro_step(batch, sync=True, scale=1.0)
+        engine.step()
+        method.after_step(step, steps)
+    after = _loss_on(method, batch)
+    state = method.state_dict()
+    return before, after, [n for n, t in held.items() if not torch.equal(state[n], t)]
 
 
 def test_ema_momentum_schedule():
@@ -306,25 +403,83 @@ def test_cross_rank_losses_match_single_process():
         np.testing.assert_allclose(r["dino_center"], single["dino_center"], rtol=1e-6)
 
 
+def _bn_heads_on_rank(world: int) -> dict:
+    """Every registered method with BatchNorm in its heads, ``method.sync_bn`` on and off: this rank's loss,
+    parameter gradients and BatchNorm running statistics after one forward/backward on its rows of one fixed
+    global batch of 16 (all 16 when ``world`` is 1)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if world > 1 else 0
+    out = {}
+    for name in REGISTERED:
+        for sync in (True, False):
+            cfg = tiny_config(name, [f"method.sync_bn={sync}"])
+            torch.manual_seed(0)
+            method = build_method(cfg)
+            if not any(isinstance(m, torch.nn.BatchNorm1d) for m in method.modules()):
+                break
+            full = random_batch(cfg, method, b=16)
+            rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
+            loss, _ = method(Batch([v[rows] for v in full.views], full.labels[rows]))
+            loss.backward()
+            out[name, sync] = {
+                "loss": loss.item(),
+                "grads": {n: p.grad.numpy() for n, p in method.named_parameters() if p.grad is not None},
+                "stats": {n: b.numpy() for n, b in method.named_buffers() if "running_" in n},
+            }
+    return out
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray, floor: float = 1e-12) -> float:
+    """Relative error; ``floor`` keeps gradients that are zero in exact arithmetic (a bias feeding a
+    BatchNorm) from dividing rounding noise by rounding noise."""
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor))
+
+
+def test_head_batchnorm_uses_global_batch_statistics():
+    """With ``method.sync_bn`` (the default), 2 gloo ranks each holding half of a batch give what one process
+    gives on the whole batch: mean rank loss, rank-averaged gradients (what DDP applies) of every parameter,
+    and the BatchNorm running statistics. With per-rank BatchNorm (``sync_bn=false``) they do not, which
+    shows the comparison can fail."""
+    single = _bn_heads_on_rank(1)
+    ranks = run_ranks(_bn_heads_on_rank, 2)
+    methods = sorted({name for name, _ in single})
+    assert {"mocov3", "byol"} <= set(methods), methods
+    for name in methods:
+        ref = single[name, True]
+        for sync in (True, False):
+            got = [r[name, sync] for r in ranks]
+            loss_err = abs(np.mean([g["loss"] for g in got]) - ref["loss"]) / abs(ref["loss"])
+            floor = 1e-3 * np.sqrt(sum(np.sum(w ** 2) for w in ref["grads"].values()))
+            grad_err = max(_rel_err(np.mean([g["grads"][n] for g in got], axis=0), want, floor)
+                           for n, want in ref["grads"].items())
+            stat_err = max(_rel_err(g["stats"][n], want, 1e-3) for g in got for n, want in ref["stats"].items())
+            if sync:
+                assert got[0]["grads"].keys() == ref["grads"].keys()
+                assert loss_err < 1e-5 and grad_err < 1e-4 and stat_err < 1e-4, (name, loss_err, grad_err, stat_err)
+            else:
+                assert max(grad_err, stat_err) > 1e-2, (name, "per-rank BatchNorm matched the global batch")
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Real runs on shards: the loss decreases, the encoder exports to timm, teachers resume exactly
+# Real runs on shards: the encoder exports to timm, teachers resume exactly
 
 
 @pytest.fixture(scope="session")
 def fmnist_caption_shards(tmp_path_factory, fmnist_shards) -> Path:
-    """The first 512 Fashion-MNIST train images with templated captions (image + txt shards)."""
-    from pipeline.config import FMNIST_TEMPLATES
-    from pipeline.data.shards import FASHION_MNIST_CLASSES, Item, read_idx, write_shards
-    from tests.conftest import FASHION_MNIST
+    """The first 512 Fashion-MNIST train images with templated captions, written by the CLI
+    (``pipeline shards write --format idx ... --captions``), as configs/clip.yaml's shards are."""
+    from pipeline.cli import main
+    from pipeline.data.shards import read_idx
+    from tests.conftest import FASHION_MNIST, write_idx
 
-    imgs = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")[:512]
-    labs = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")[:512]
-    items = [Item(f"train[{i}]", imgs[i], "png", int(labs[i]),
-                  FMNIST_TEMPLATES[i % len(FMNIST_TEMPLATES)].format(FASHION_MNIST_CLASSES[int(labs[i])].lower()))
-             for i in range(512)]
-    out = tmp_path_factory.mktemp("fmnist_captions") / "train"
-    write_shards(items, out, shard_size=200, classes=FASHION_MNIST_CLASSES, progress=False)
-    return out
+    root = tmp_path_factory.mktemp("fmnist_captions")
+    images = write_idx(root / "images.gz", read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")[:512])
+    labels = write_idx(root / "labels.gz", read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")[:512])
+    assert main(["shards", "write", "--format", "idx", "--input", str(images), "--labels", str(labels),
+                 "--classes", "fashion-mnist", "--captions", "--output", str(root / "train"), "--shard-size", "200",
+                 "--no-progress"]) == 0
+    return root / "train"
 
 
 def _run_config(name, shards, run_dir, caption_shards):
@@ -342,10 +497,12 @@ def _final_state(run_dir: Path, cfg) -> dict[str, torch.Tensor]:
     return DDPEngine.read_model_state(run_dir / "checkpoints" / "latest", build_method(cfg))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    reason="SimCLR's loss is not reliably lower after this few-step tiny run (seen once at 3.80 -> 3.91); "
-           "needs a longer budget for the decrease check", strict=False)) if n == "simclr" else n for n in REGISTERED])
-def test_short_run_learns_exports_and_resumes(name, fmnist_shards, fmnist_caption_shards, tmp_path):
+@pytest.mark.parametrize("name", REGISTERED)
+def test_short_run_exports_and_resumes(name, fmnist_shards, fmnist_caption_shards, tmp_path):
+    """8 real steps on Fashion-MNIST shards: finite losses, an export that loads strictly into timm, and a
+    resume from the step-4 checkpoint that ends bit-for-bit where the run ended. (That the loss goes down is
+    checked on a fixed batch with held targets in test_loss_decreases_on_a_fixed_batch: 8 freshly augmented
+    batches, with targets that move, were too noisy for it.)"""
     import shutil
 
     import timm
@@ -358,9 +515,7 @@ def test_short_run_learns_exports_and_resumes(name, fmnist_shards, fmnist_captio
     summary = train(cfg)
     assert summary["steps"] == 8
     losses = [json.loads(line)["loss"] for line in (run_a / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(v) for v in losses)
-    # logged every 2 steps; EMA-teacher targets move, so compare the later half's mean with the first window
-    assert np.mean(losses[len(losses) // 2:]) < losses[0], f"{name}: loss did not decrease: {losses}"
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
     meta = json.loads((run_a / "export" / "config.json").read_text())
     model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])

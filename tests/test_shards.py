@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,33 @@ def test_captions(tmp_path):
         assert tar.extractfile("000000000.txt").read() == b"A cat."
 
 
+def test_background_flattens_transparency(tmp_path):
+    """``background``: images with alpha (RGBA, LA, palette or RGB with a transparent colour) are composited on
+    it and stored as RGB PNG; opaque images keep their bytes; without it, alpha is kept as it was."""
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent, stored black
+    rgba.putpixel((1, 1), (255, 0, 0, 255))
+    sources = {"rgba": rgba, "la": Image.new("LA", (4, 4), (0, 0)), "p": rgba.convert("P")}
+    sources["p"].info["transparency"] = sources["p"].getpixel((0, 0))
+    blobs = {}
+    for name, img in sources.items():
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **({"transparency": img.info["transparency"]} if name == "p" else {}))
+        blobs[name] = buf.getvalue()
+    opaque = _jpeg("green")
+    items = [S.Item(n, b, "png", None, n) for n, b in blobs.items()] + [S.Item("opaque", opaque, "jpg", None, "x")]
+    m = S.write_shards(items, tmp_path / "white", background="white", progress=False)
+    S.write_shards(items, tmp_path / "kept", progress=False)
+    assert m["image_keys"] == ["jpg", "png"] and m["image_modes"] == {"RGB": 4}
+    with tarfile.open(tmp_path / "white" / "shard-000000.tar") as white, \
+            tarfile.open(tmp_path / "kept" / "shard-000000.tar") as kept:
+        for i in range(3):
+            img = Image.open(io.BytesIO(white.extractfile(f"{i:09d}.png").read()))
+            assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255), (i, img.mode)
+            assert kept.extractfile(f"{i:09d}.png").read() == list(blobs.values())[i]
+        assert Image.open(io.BytesIO(white.extractfile("000000000.png").read())).getpixel((1, 1)) == (255, 0, 0)
+        assert white.extractfile("000000003.jpg").read() == opaque
+
+
 def test_idx_arrays_round_trip(tmp_path):
     arr = (np.arange(6 * 28 * 28) % 251).astype(np.uint8).reshape(6, 28, 28)
     import gzip
@@ -151,3 +179,84 @@ def test_cli_writes_fashion_mnist_subset(tmp_path):
     assert "wrote 10000 samples in 3 shards" in out.stdout
     m = S.open_shards(tmp_path / "fm", verify="sha256").manifest
     assert m["classes"][9] == "Ankle boot" and [s["num_samples"] for s in m["shards"]] == [4000, 4000, 2000]
+
+
+def test_cli_captions_labelled_data_from_class_names(image_folder, tmp_path):
+    """``shards write --captions``: every sample of a labelled source gets a txt caption, template i mod n with
+    its lower-cased class name (Fashion-MNIST's zero-shot templates when none are given), labels kept; sources
+    without class names are refused."""
+    from pipeline.cli import main
+    from pipeline.config import FMNIST_TEMPLATES
+    from tests.conftest import write_idx
+
+    arr = (np.arange(8 * 28 * 28) % 251).astype(np.uint8).reshape(8, 28, 28)
+    images, labels = write_idx(tmp_path / "i.gz", arr), write_idx(tmp_path / "l.gz", np.array([0, 5, 9, 3, 1, 2, 8, 7]))
+    idx = ["shards", "write", "--format", "idx", "--input", str(images), "--labels", str(labels), "--classes",
+           "fashion-mnist", "--no-progress"]
+    assert main([*idx, "--captions", "--output", str(tmp_path / "default")]) == 0
+    assert main([*idx, "--captions", "a photo of a {}.", "the {}", "--output", str(tmp_path / "two")]) == 0
+    for out, templates in (("default", FMNIST_TEMPLATES), ("two", ("a photo of a {}.", "the {}"))):
+        m = S.open_shards(tmp_path / out).manifest
+        assert m["fields"] == ["cls", "png", "txt"] and m["num_samples"] == 8
+        with tarfile.open(tmp_path / out / "shard-000000.tar") as tar:
+            for i, label in enumerate([0, 5, 9, 3, 1, 2, 8, 7]):
+                assert tar.extractfile(f"{i:09d}.cls").read() == str(label).encode()
+                caption = templates[i % len(templates)].format(S.FASHION_MNIST_CLASSES[label].lower())
+                assert tar.extractfile(f"{i:09d}.txt").read().decode() == caption
+    with tarfile.open(tmp_path / "two" / "shard-000000.tar") as tar:
+        assert tar.extractfile("000000002.txt").read() == b"a photo of a ankle boot."
+
+    assert main(["shards", "write", "--format", "folder", "--input", str(image_folder), "--captions",
+                 "a photo of a {}.", "--output", str(tmp_path / "folder"), "--no-progress"]) == 0
+    with tarfile.open(tmp_path / "folder" / "shard-000000.tar") as tar:
+        captions = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".txt")}
+    assert sorted(set(captions.values())) == [b"a photo of a cat.", b"a photo of a dog."] and len(captions) == 10
+
+    with pytest.raises(SystemExit, match="--captions needs labels with class names"):
+        main(["shards", "write", "--format", "idx", "--input", str(images), "--captions", "--output", str(tmp_path / "x")])
+    with pytest.raises(S.ShardError, match="need a {} for the class name"):
+        main([*idx, "--captions", "a photo", "--output", str(tmp_path / "y")])
+
+
+def test_tuxpaint_stamps_make_english_caption_shards(tmp_path):
+    """benchmarks/make_tuxpaint_shards.py, run as a user would, on the real Debian package (fetched with
+    apt-get into a fresh cache): one sample per stamp PNG with a caption file (785 in 2022.06.04), each a PNG
+    without alpha and a non-empty English caption (the .txt's first line, not a translation line), transparent
+    stamps composited on white."""
+    import shutil
+
+    from benchmarks.make_tuxpaint_shards import fetch_stamps
+
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        pytest.skip("needs apt-get and dpkg (Debian/Ubuntu)")
+    cache = tmp_path / "cache"
+    try:
+        stamps = fetch_stamps(cache)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"apt-get could not download tuxpaint-stamps-default (offline, or no package lists: "
+                    f"apt-get update): {(exc.stderr or '').strip()[-300:]}")
+    pairs = [p for p in stamps.rglob("*.png") if p.with_suffix(".txt").exists()]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/make_tuxpaint_shards.py", str(tmp_path / "shards"),
+                          "--cache", str(cache)], cwd=root, capture_output=True, text=True, check=True)
+    assert f"wrote {len(pairs)} samples" in out.stdout and len(pairs) > 700
+
+    m = S.open_shards(tmp_path / "shards", verify="sha256").manifest
+    assert m["fields"] == ["png", "txt"] and m["num_samples"] == len(pairs) and m["num_skipped"] == 0
+    captions, white_corners = [], 0
+    for shard in m["shards"]:
+        with tarfile.open(tmp_path / "shards" / shard["file"]) as tar:
+            members = {mem.name: tar.extractfile(mem).read() for mem in tar}
+        keys = sorted({name.split(".")[0] for name in members})
+        assert all({f"{k}.png", f"{k}.txt"} <= members.keys() for k in keys)
+        for k in keys:
+            img = Image.open(io.BytesIO(members[f"{k}.png"]))
+            assert img.mode in ("RGB", "L", "P") and "transparency" not in img.info, (k, img.mode)
+            white_corners += img.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+            captions.append(members[f"{k}.txt"].decode("utf-8"))
+    assert len(captions) == len(pairs) and all(c.strip() for c in captions)
+    assert not [c for c in captions if ".utf8=" in c or "\n" in c]  # first lines only, no translations
+    assert sum(c.isascii() for c in captions) > 0.9 * len(captions)  # English ("A knight’s helmet." is not ASCII)
+    assert "A US 25 cent piece ($.25) called a quarter." in captions
+    # most stamps have transparent corners; their stored colour is mostly black, so white means composited
+    assert white_corners > 0.8 * len(captions), white_corners

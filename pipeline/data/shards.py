@@ -1,7 +1,8 @@
 """Write WebDataset tar shards (+ DALI index files + manifest.json) and read them back safely.
 
 Sources: an image folder (class sub-folders optional), labelled arrays in IDX format (Fashion-MNIST), or
-image+caption pairs (an image with a sibling ``.txt`` whose first line is the caption). Every input image is
+image+caption pairs (an image with a sibling ``.txt`` whose first line is the caption). Labelled sources can
+also be captioned from their class names with templates (``class_captions``). Every input image is
 decoded once before it is written; one that does not decode is reported, skipped and counted in the manifest.
 """
 
@@ -14,8 +15,8 @@ import json
 import os
 import struct
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,19 @@ def caption_items(root: str | Path) -> tuple[Iterator[Item], int]:
     return gen(), len(files)
 
 
+def class_captions(items: Iterable[Item], classes: list[str], templates: Sequence[str]) -> Iterator[Item]:
+    """Caption each labelled item from its class name: item ``i`` gets ``templates[i % len(templates)]`` with the
+    lower-cased class name for ``{}`` ("a photo of a sandal."). Turns a labelled data set into image+text
+    shards for CLIP, labels kept."""
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ShardError(f"caption templates need a {{}} for the class name, got {list(templates) if not bad else bad}")
+    for i, item in enumerate(items):
+        if item.label is None or not 0 <= item.label < len(classes):
+            raise ShardError(f"{item.source}: no class name for label {item.label} (classes: {classes})")
+        yield replace(item, caption=templates[i % len(templates)].format(classes[item.label].lower()))
+
+
 def _norm_ext(suffix: str) -> str:
     ext = suffix.lower().lstrip(".")
     return {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext)
@@ -133,8 +147,13 @@ def _norm_ext(suffix: str) -> str:
 # Writing
 
 
-def _encode(item: Item, image_format: str | None) -> tuple[bytes, str, tuple[int, int], str]:
-    """Decode-check the image and return (bytes, ext, (w, h), mode). Raises on an unreadable image."""
+def _encode(item: Item, image_format: str | None, background: str | None = None
+            ) -> tuple[bytes, str, tuple[int, int], str]:
+    """Decode-check the image and return (bytes, ext, (w, h), mode). Raises on an unreadable image.
+
+    ``background``: an image with transparency is composited onto this colour and re-encoded (png unless
+    ``image_format`` says otherwise). The loaders decode to RGB and drop alpha, so transparent pixels would
+    otherwise show whatever colour they happen to store."""
     if isinstance(item.image, np.ndarray):
         img = Image.fromarray(item.image)
         fmt = image_format or "png"
@@ -143,8 +162,12 @@ def _encode(item: Item, image_format: str | None) -> tuple[bytes, str, tuple[int
         img.load()  # decodes every pixel: catches truncated and corrupt files, not just bad headers
         fmt = image_format
     size, mode = img.size, img.mode
-    if fmt is None or (not isinstance(item.image, np.ndarray) and fmt == item.ext):
-        return bytes(item.image), item.ext, size, mode  # keep the original bytes
+    keep = fmt is None or (not isinstance(item.image, np.ndarray) and fmt == item.ext)
+    if background is not None and (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, background), img.convert("RGBA")).convert("RGB")
+        fmt, keep, mode = fmt or "png", False, img.mode
+    if keep:
+        return bytes(item.image), item.ext, size, mode  # the original bytes
     buf = io.BytesIO()
     if fmt == "jpg":
         img.convert("RGB").save(buf, format="JPEG", quality=95)
@@ -203,6 +226,7 @@ def write_shards(
     shard_size: int = 1000,
     max_shard_bytes: int = 0,
     image_format: str | None = None,
+    background: str | None = None,
     total: int | None = None,
     source: str = "",
     classes: list[str] | None = None,
@@ -211,7 +235,8 @@ def write_shards(
     """Write ``items`` into ``output/shard-NNNNNN.tar`` (+ ``.idx``) and ``output/manifest.json``.
 
     Each tar is written under a temporary name and renamed once complete; the manifest is written last, so a
-    folder with a manifest is a complete data set.
+    folder with a manifest is a complete data set. ``background`` (a PIL colour such as ``white``) flattens
+    images with transparency onto that colour (see ``_encode``).
     """
     from tqdm import tqdm
 
@@ -246,7 +271,7 @@ def write_shards(
     bar = tqdm(items, total=total, desc=f"writing {out}", unit="img", disable=not progress, mininterval=1.0)
     for item in bar:
         try:
-            data, ext, _, mode = _encode(item, image_format)
+            data, ext, _, mode = _encode(item, image_format, background)
         except Exception as exc:  # PIL raises many types for bad files
             skipped.append({"item": item.source, "error": f"{type(exc).__name__}: {exc}"})
             bar.write(f"skipping unreadable image {item.source}: {type(exc).__name__}: {exc}")

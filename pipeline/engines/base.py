@@ -13,7 +13,7 @@ from pipeline.config import Config
 from pipeline.data.loader import Batch
 from pipeline.distributed import DistEnv
 from pipeline.methods.base import Method
-from pipeline.schedules import warmup_cosine
+from pipeline.schedules import GroupSchedule, cosine, warmup_cosine
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -53,8 +53,8 @@ class Engine:
         self.optimizer = torch.optim.AdamW(method.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                            eps=o.eps, fused=fused or None)
         lrs = warmup_cosine(total_steps, o.warmup_steps, o.lr, o.min_lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lrs[min(s, len(lrs) - 1)] / o.lr)
+        wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+        self.scheduler = GroupSchedule(self.optimizer, lrs, cosine(total_steps, o.weight_decay, wd_end))
 
     # -- one step ---------------------------------------------------------------------------------------------
     def autocast(self):

@@ -12,6 +12,7 @@ from pipeline.methods.mocov3 import MoCoV3
 from pipeline.methods.redundancy import BarlowTwins, VICReg
 from pipeline.methods.rotnet import RotNet
 from pipeline.methods.simclr import SimCLR
+from pipeline.models import sync_batchnorm
 
 METHODS: dict[str, type[Method]] = {
     "simclr": SimCLR,
@@ -29,4 +30,6 @@ METHODS: dict[str, type[Method]] = {
 def build_method(cfg: Config) -> Method:
     if cfg.method.name not in METHODS:
         raise KeyError(f"unknown method.name {cfg.method.name!r}; known: {', '.join(METHODS)}")
-    return METHODS[cfg.method.name](cfg)
+    method = METHODS[cfg.method.name](cfg)
+    # Global batch statistics in the heads (what the papers' SyncBatchNorm gives); identical in one process.
+    return sync_batchnorm(method) if cfg.method.sync_bn else method

@@ -75,6 +75,18 @@ class DINO(Method):
             self.center.mul_(m).add_(dino_batch_center(teacher), alpha=1 - m)
         return loss, {}
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The base groups, with the head's last layer in a group of its own whose learning rate the engine's
+        schedule holds at 0 for ``freeze_last_layer_steps`` (DINO cancels its gradients for the first epoch;
+        a group's lr is what every engine can hold still, DeepSpeed's flat ZeRO partitions included)."""
+        groups = super().param_groups(weight_decay)
+        if self.dcfg.freeze_last_layer_steps > 0:
+            last = self.head.last_layer.weight
+            groups[0]["params"] = [p for p in groups[0]["params"] if p is not last]
+            groups.append({"params": [last], "weight_decay": weight_decay,
+                           "frozen_steps": self.dcfg.freeze_last_layer_steps})
+        return groups
+
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         m = self.ema_momentum(self.dcfg.momentum, step, total_steps)

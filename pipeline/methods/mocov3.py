@@ -30,7 +30,7 @@ class MoCoV3(Method):
             raise ValueError(f"MoCo v3 needs two views per sample, the loader gave {len(batch.views)}")
         b = batch.size
         x = torch.cat(batch.views[:2])
-        h = self.encoder(x)  # one encoder pass over both views; heads per view (their BatchNorm is per view)
+        h = self.encoder(x)  # one encoder pass over both views; heads per view (BatchNorm statistics per view)
         q1, q2 = (self.predictor(self.projector(h[i * b:(i + 1) * b])) for i in range(2))
         with torch.no_grad():
             hk = self.momentum_encoder(x)
