@@ -79,6 +79,13 @@ class TrainJob(submitit.helpers.Checkpointable):
                 sys.stdout.flush()
             finally:
                 os._exit(128 + signal.SIGTERM)
+        if summary.get("interrupted") == "stop" and signals.usr_sig not in signals.received:
+            # SIGTERM alone: Slurm is preempting, requeueing or cancelling the job and will requeue it (or not)
+            # itself; the step in flight is saved, now leave before KillWait's SIGKILL
+            where = f": saved {summary['checkpoint']}" if dist_env.rank == 0 else ""
+            print(f"[slurm] rank {dist_env.rank}: SIGTERM at step {summary['steps']}{where}, exiting", flush=True)
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGTERM)
         if summary.get("interrupted") == "stop":
             _hand_over_to_slurm(signals, dist_env.rank, summary, wait_s=cfg.launcher.slurm.signal_delay_s + 60)
         return summary
@@ -117,8 +124,10 @@ class _SlurmSignals:
     - USR2 (``--signal=USR2@signal_delay_s``, time limit near): only recorded. ``train`` asks
       :meth:`stop_requested` after every step; the ranks agree to stop after the same step and checkpoint it, and
       only then is submitit's handler (checkpoint, requeue, exit) run, through :meth:`requeue`.
-    - TERM (Slurm ending the step: requeue, preemption, time limit, scancel): recorded, so that the errors it causes
-      can be told from real failures, then submitit's handler (a log line) runs.
+    - TERM (Slurm ending the step: requeue, preemption, time limit, scancel): recorded, then submitit's handler (a
+      log line) runs. It also stops ``train`` after the step in flight, which is saved if that fits in Slurm's
+      KillWait (DataLoader workers ignore it under Slurm, see ``pipeline.data.loader``); errors it causes are told
+      from real failures.
     - Both act only in the task process: Slurm signals every process of the step, DataLoader workers included,
       and forked workers inherit the handlers.
     """
@@ -152,8 +161,8 @@ class _SlurmSignals:
         return record_in_owner
 
     def stop_requested(self) -> bool:
-        """The ``stop`` handed to ``train``: has the time-limit signal arrived?"""
-        return self.usr_sig in self.received
+        """The ``stop`` handed to ``train``: has the time-limit signal (or Slurm's SIGTERM) arrived?"""
+        return self.usr_sig in self.received or self.terminated
 
     @property
     def terminated(self) -> bool:

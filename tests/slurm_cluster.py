@@ -101,8 +101,9 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides",
             "MailProg=/bin/true",
             "ReturnToService=2",
-            # SIGTERM -> SIGKILL grace on cancel/requeue; short so preemption tests do not wait 30 s
-            "KillWait=5",
+            # SIGTERM -> SIGKILL grace on cancel/requeue: room for one step + a checkpoint on a busy machine,
+            # shorter than the default 30 s
+            "KillWait=15",
             "InactiveLimit=0",
             "MinJobAge=600",
             "JobRequeue=1",

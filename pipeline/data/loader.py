@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import itertools
+import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +248,13 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             yield collate(items)
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """Slurm sends SIGTERM to every process of a job step it preempts or cancels; workers that died of it would
+    stop the rank before it can save the step it is on (see ``launchers.slurm``). The main process still ends
+    them: through the loader's shutdown, or with the step's SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchLoader:
     """webdataset + PIL + torchvision v2 in DataLoader workers."""
 
@@ -280,6 +289,7 @@ class TorchLoader:
             _EpochDataset(self, self.epoch, self.batch), batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=self.prefetch_factor if workers else None,
             persistent_workers=False, multiprocessing_context="fork" if workers else None,
+            worker_init_fn=_ignore_sigterm if os.environ.get("PIPELINE_LAUNCHER") == "slurm" else None,
         )
 
     def __iter__(self) -> Iterator[Batch]:
