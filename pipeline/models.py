@@ -52,7 +52,7 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return skip
 
 
-def _held(p: torch.Tensor) -> list[torch.Tensor]:
+def held_tensors(p: torch.Tensor) -> list[torch.Tensor]:
     """The tensors holding this rank's values of a parameter, whatever engine wraps the model.
 
     Engines shard a teacher exactly like the student it tracks, so lerping what each rank holds is the whole
@@ -73,10 +73,10 @@ def _held(p: torch.Tensor) -> list[torch.Tensor]:
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * online, parameter by parameter (buffers copied).
 
-    Valid on sharded models too (FSDP2 DTensors, ZeRO-3 partitions): see ``_held``."""
+    Valid on sharded models too (FSDP2 DTensors, ZeRO-3 partitions): see ``held_tensors``."""
     t_held, o_held = [], []
     for tp, op in zip(target.parameters(), online.parameters(), strict=True):
-        t, o = _held(tp), _held(op)
+        t, o = held_tensors(tp), held_tensors(op)
         if len(t) != len(o) or any(a.shape != b.shape for a, b in zip(t, o)):
             raise ValueError(f"EMA target and online parameters are held differently ({tp.shape} vs {op.shape}): "
                              f"the engine must shard the teacher like the student")

@@ -160,6 +160,24 @@ class DeepSpeedEngine(Engine):
     def zero_grad(self) -> None:
         self.ds.zero_grad()
 
+    def resident_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """DeepSpeed's own kinds (the buffers its ``offload_states`` moves): the model-dtype parameters (ZeRO-1/2:
+        one flat buffer the module's parameters view; ZeRO-3: this rank's partitions plus the small "persistent"
+        parameters kept gathered), the fp32 master partitions the wrapped AdamW steps (``master``: a copy
+        even in fp32 runs), the reduced gradient partitions, AdamW's state, and ZeRO-3's reduce buckets."""
+        held = super().resident_tensors()
+        zero = self.optimizer
+        if self.ds.zero_optimization_stage() == 3:
+            grads = [zero.grad_partitions_flat_buffer]
+            held["buckets"] = [b.buffer for b in zero.ipg_buckets.values() if torch.is_tensor(b.buffer)]
+        else:
+            grads = [g for gs in zero.averaged_gradients.values() if gs is not None for g in gs if g is not None]
+        # what AdamW steps: its state's keys (ZeRO-3 lends it each partition only during the step)
+        held["master"] = list(zero.optimizer.state) + [p for g in zero.optimizer.param_groups for p in g["params"]]
+        held["grads"] += grads + [p.grad for p in held["master"] if p.grad is not None]
+        held["optim"] = [v for s in zero.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return held
+
     # -- state ------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         self.ds.save_checkpoint(str(path), tag=TAG, save_latest=False)
