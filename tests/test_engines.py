@@ -82,9 +82,6 @@ class EMASimCLR(SimCLR):
     def after_step(self, step: int, total_steps: int) -> None:
         ema_update(self.teacher, self.encoder, self.momentum)
 
-    def teacher_blocks(self):
-        return list(self.teacher.blocks)
-
 
 METHODS["simclr_ema_test"] = EMASimCLR
 
@@ -386,6 +383,27 @@ def test_fsdp_two_rank_checkpoint_resumes_on_one_rank(scenario, fmnist_shards, t
     assert all(k == "dtensor('S(0)',)" and local == math.prod(shape) for k, shape, local in got["held"]["teacher"])
     assert got["summary"]["steps"] == 6 and got["summary"]["world_size"] == 1
     assert all(torch.isfinite(torch.tensor(got["losses"][s])) for s in (4, 5, 6))
+
+
+# -- EMA teachers are sharded block by block ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_frozen_transformer_block_is_a_sharding_unit(name):
+    """A teacher left out of ``teacher_blocks`` still trains correctly, but FSDP2 then gathers it whole with the
+    root unit and keeps it gathered until backward ends (the root does not reshard after forward)."""
+    from timm.models.vision_transformer import Block
+
+    from pipeline.config import load_config
+    from pipeline.methods import build_method
+
+    cfg = load_config(QUICKSTART, [f"method.name={name}", "model.depth=2", "model.embed_dim=32", "model.num_heads=2"])
+    method = build_method(cfg)
+    frozen = [m for m in method.modules() if isinstance(m, Block) and not any(p.requires_grad for p in m.parameters())]
+    units = {id(u) for u in method.shard_units()}
+    assert all(id(b) in units for b in frozen)
+    assert {id(b) for b in method.teacher_blocks()} == {id(b) for b in frozen}
+    if name in ("byol", "mocov3", "dino", "simclr_ema_test"):  # the EMA methods: a whole teacher encoder
+        assert len(frozen) == len(method.encoder.blocks) == 2
 
 
 # -- configuration ------------------------------------------------------------------------------------------
