@@ -81,7 +81,7 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
             raise ValueError(f"EMA target and online parameters are held differently ({tp.shape} vs {op.shape}): "
                              f"the engine must shard the teacher like the student")
         t_held += t
-        o_held += o
+        o_held += [b if b.dtype == a.dtype else b.to(a.dtype) for a, b in zip(t, o)]  # fp32 teacher, bf16 student
     torch._foreach_lerp_(t_held, o_held, 1.0 - momentum)
     for tb, ob in zip(target.buffers(), online.buffers()):
         tb.copy_(ob)
