@@ -8,7 +8,8 @@ gradients, optimizer state, reduce buckets) and every storage is counted once, a
 and the whole of a gradient that a ZeRO partition only views are resident too. ``other`` is every further
 tensor storage Python can reach (batches, small buffers). RSS figures are the process's resident set minus
 its resident set just before the model was built (after torch, the process group and DeepSpeed were loaded):
-parameters and state plus activations, allocator slack, and buffers that C++ holds.
+parameters and state plus activations, allocator slack, and buffers that C++ holds. On GPUs the CUDA
+allocator's figures (allocated now, and its peak) above the same point are reported too.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def bench_memory_rank(cfg: Config, env: DistEnv, device: torch.device, steps: in
     gc.collect()
     baseline = _status_bytes("VmRSS")
     peak_reset = _reset_peak_rss()
+    cuda = device.type == "cuda"
+    if cuda:  # GPUs: the device's allocator too, from the same point
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_baseline = torch.cuda.memory_allocated(device)
     seed_everything(cfg.run.seed)
     method = build_method(cfg)
     num_params = sum(p.numel() for p in method.parameters())
@@ -113,17 +118,22 @@ def bench_memory_rank(cfg: Config, env: DistEnv, device: torch.device, steps: in
         if step == steps - 1:
             held = resident_bytes(engine)
             rss_now = _status_bytes("VmRSS")
+            cuda_now = torch.cuda.memory_allocated(device) if cuda else None
         engine.step()
         method.after_step(step, steps)
     seconds = (time.perf_counter() - start) / steps
     peak = _status_bytes("VmHWM")
-    delta = (lambda v: v - baseline if v is not None and baseline is not None and peak_reset else None)
+    delta = (lambda v: v - baseline if v is not None and baseline is not None else None)
     row = {"engine": label(cfg), "precision": "bf16" if resolve_precision(cfg, device) is not None else "fp32",
            "method": cfg.method.name, "model": cfg.model.name, "image_size": cfg.augment.image_size,
            "batch_size": cfg.loader.batch_size, "world_size": env.world_size, "rank": env.rank, "steps": steps,
            "num_params": num_params, "trainable_params": trainable,
            **{f"{k}_bytes": v for k, v in held.items()},
-           "step_time_s": seconds, "rss_baseline_bytes": baseline, "rss_at_count_bytes": delta(rss_now), "peak_rss_bytes": delta(peak)}
+           "step_time_s": seconds, "rss_baseline_bytes": baseline, "rss_at_count_bytes": delta(rss_now),
+           "peak_rss_bytes": delta(peak) if peak_reset else None}
+    if cuda:
+        row.update(cuda_allocated_at_count_bytes=cuda_now - cuda_baseline,
+                   cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(device) - cuda_baseline)
     rows: list[Any] = [None] * env.world_size
     if dist.is_initialized():
         dist.all_gather_object(rows, row)
