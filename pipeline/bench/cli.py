@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 DESCRIPTION = """Throughput benchmarks. Every mode writes <mode>.json (every figure, the resolved config, the
 machine, the command), <mode>.md and PNG plots into benchmarks/results/<date>_<hardware>_<model>/ and adds
@@ -257,7 +258,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     cfg, device, out = _setup(args)
     # Spawned ranks start with glibc's mmap threshold pinned (128 KiB unless set): freed tensors go back to the OS
     # at once, instead of staying in the heap once the threshold has risen, so RSS follows live memory.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     rows = []
     for precision in [p for p in args.precisions.split(",") if p] or [cfg.engine.precision]:
         for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
@@ -267,7 +268,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
                 setattr(run.engine, key, value)
             if not args.no_progress:
                 print(f"bench memory: {name}, {precision}, {args.nprocs} process(es)", flush=True)
-            rows += run_ranks(bench_memory_rank, run, args.steps, nprocs=args.nprocs)  # fresh processes each
+            with patch.dict(os.environ, {"MALLOC_MMAP_THRESHOLD_": threshold}):  # fresh processes each
+                rows += run_ranks(bench_memory_rank, run, args.steps, nprocs=args.nprocs)
     add_ratios(rows)
     table = markdown_table(rows, COLUMNS["memory"])
     print(table)
@@ -275,10 +277,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
              "(`Engine.resident_tensors`); MB = 10^6 bytes. `state` = params + master + optim; `x DDP` columns "
              "divide by DDP's figure on the same rank. RSS columns: the process's resident set (when counted, and "
              "its peak) minus its resident set before the model was built, with MALLOC_MMAP_THRESHOLD_="
-             f"{os.environ['MALLOC_MMAP_THRESHOLD_']}. See pipeline/bench/memory.py.")
+             f"{threshold}. See pipeline/bench/memory.py.")
     mode = f"memory_{args.tag}" if args.tag else "memory"
     payload = _payload("memory", args, cfg, device, args.nprocs, rows,
-                       malloc_mmap_threshold=os.environ["MALLOC_MMAP_THRESHOLD_"])
+                       malloc_mmap_threshold=threshold)
     path = write_mode(out, mode, payload, {"": table}, [], notes=notes)
     print(f"results: {path}")
     return 0
