@@ -98,7 +98,7 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return skip
 
 
-def _held(p: torch.Tensor) -> list[torch.Tensor]:
+def held_tensors(p: torch.Tensor) -> list[torch.Tensor]:
     """The tensors holding this rank's values of a parameter, whatever engine wraps the model.
 
     Engines shard a teacher exactly like the student it tracks, so lerping what each rank holds is the whole
@@ -119,15 +119,15 @@ def _held(p: torch.Tensor) -> list[torch.Tensor]:
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * online, parameter by parameter (buffers copied).
 
-    Valid on sharded models too (FSDP2 DTensors, ZeRO-3 partitions): see ``_held``."""
+    Valid on sharded models too (FSDP2 DTensors, ZeRO-3 partitions): see ``held_tensors``."""
     t_held, o_held = [], []
     for tp, op in zip(target.parameters(), online.parameters(), strict=True):
-        t, o = _held(tp), _held(op)
+        t, o = held_tensors(tp), held_tensors(op)
         if len(t) != len(o) or any(a.shape != b.shape for a, b in zip(t, o)):
             raise ValueError(f"EMA target and online parameters are held differently ({tp.shape} vs {op.shape}): "
                              f"the engine must shard the teacher like the student")
         t_held += t
-        o_held += o
+        o_held += [b if b.dtype == a.dtype else b.to(a.dtype) for a, b in zip(t, o)]  # fp32 teacher, bf16 student
     torch._foreach_lerp_(t_held, o_held, 1.0 - momentum)
     for tb, ob in zip(target.buffers(), online.buffers()):
         tb.copy_(ob)

@@ -207,6 +207,18 @@ def test_bench_scaling_assumed_gpu_without_measuring(tmp_path):
     assert p["results"] == [] and p["profile"]["source"].startswith("assumed: H100")
 
 
+def test_bench_memory_writes_rows_and_ratios(tmp_path):
+    """The CLI around the counting (tests/test_memory.py checks the counts on 2 ranks): one process, so FSDP2 runs
+    unsharded and holds what DDP holds."""
+    p = _run(tmp_path, "memory", "--nprocs", "1", "--engines", "ddp,fsdp", "--steps", "2", *TINY)
+    rows = p["results"]
+    assert [(r["engine"], r["rank"], r["precision"]) for r in rows] == [("ddp", 0, "fp32"), ("fsdp", 0, "fp32")]
+    for r in rows:
+        assert r["params_bytes"] == r["grads_bytes"] == 4 * r["num_params"]
+        assert r["state_vs_ddp"] == 1.0 and r["peak_rss_bytes"] > 0
+    assert "params x DDP" in (tmp_path / "results" / "memory.md").read_text()
+
+
 def test_bench_loader(tmp_path, capsys):
     try:
         import pipeline.bench.loader  # noqa: F401

@@ -12,7 +12,10 @@ DeepSpeed costs far more than the tiny runs themselves):
   (replicated under DDP and ZeRO-1/2, sharded like the student under FSDP2 and ZeRO-3);
 - save at step 3, crash at step 4 (every rank raises, as a killed job would stop), resume in the same run
   directory: same losses and the same weights (student, projector, teacher) as the uninterrupted run;
-- FSDP2 only: the 2-rank checkpoint loads on 1 rank with identical state, and training resumes there.
+- FSDP2 only: the 2-rank checkpoint loads on 1 rank with identical state, and training resumes there;
+- DeepSpeed bf16 (ZeRO-2, ZeRO-3, one more spawn): the EMA teacher stays fp32, also once reloaded, and the
+  export holds the fp32 master weights zero_to_fp32 gives;
+- every method: each frozen transformer block (EMA teachers) is a sharding unit of its own (no processes).
 
 DeepSpeed's ``deepspeed_shm_comm`` extension compiles on the first run on a machine (~35 s alone, minutes on
 a busy machine); it is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so
@@ -37,7 +40,7 @@ from pipeline.data.loader import Batch
 from pipeline.losses.contrastive import nt_xent
 from pipeline.methods import METHODS
 from pipeline.methods.simclr import SimCLR
-from pipeline.models import ema_update
+from pipeline.models import ema_update, held_tensors
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 BYOL, DINO = QUICKSTART.with_name("byol.yaml"), QUICKSTART.with_name("dino.yaml")
@@ -82,9 +85,6 @@ class EMASimCLR(SimCLR):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         ema_update(self.teacher, self.encoder, self.momentum)
-
-    def teacher_blocks(self):
-        return list(self.teacher.blocks)
 
 
 METHODS["simclr_ema_test"] = EMASimCLR
@@ -166,14 +166,17 @@ def _inspect(cfg, ckpt: Path, port: int) -> dict:
         engine.setup(method, cfg.train.steps)
         engine.load(ckpt)
         captured = []
-        hook = method.encoder.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
-        x = _probe_images()
-        with torch.no_grad():
-            engine.model(Batch([x, x]))
-        hook.remove()
+        if engine.dtype is None:  # fp32: what the engine's own model computes
+            hook = method.encoder.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
+            x = _probe_images()
+            with torch.no_grad():
+                engine.model(Batch([x, x]))
+            hook.remove()
         state = engine.method_state_dict()
-        return {"features": captured[0][: len(x)], "held": _held(method) if hasattr(method, "teacher") else None,
-                "state": state, "lr": engine.lr}
+        teacher = hasattr(method, "teacher")
+        return {"features": captured[0][: len(x)] if captured else None, "held": _held(method) if teacher else None,
+                "teacher_dtypes": sorted({str(t.dtype) for p in method.teacher.parameters() for t in held_tensors(p)})
+                if teacher else None, "state": state, "lr": engine.lr}
     finally:
         destroy_distributed()
 
@@ -214,7 +217,8 @@ def _portable(obj):
     """Tensors as numpy arrays: torch.multiprocessing would pass tensors through shared memory handles that
     die with the rank process that made them."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy()
+        obj = obj.detach().cpu()
+        return (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()  # numpy has no bf16
     if isinstance(obj, dict):
         return {k: _portable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -505,6 +509,81 @@ def test_fsdp_two_rank_checkpoint_resumes_on_one_rank(scenario, fmnist_shards, t
     assert all(k == "dtensor('S(0)',)" and local == math.prod(shape) for k, shape, local in got["held"]["teacher"])
     assert got["summary"]["steps"] == 6 and got["summary"]["world_size"] == 1
     assert all(torch.isfinite(torch.tensor(got["losses"][s])) for s in (4, 5, 6))
+
+
+# -- DeepSpeed bf16: fp32 teachers, fp32 exports -------------------------------------------------------------
+
+def _deepspeed_bf16(shards, root: Path, ports: list[int]) -> dict:
+    out = {}
+    for i, engine in enumerate(("zero2", "zero3")):
+        cfg = _config(shards, root / engine, engine, **{"method.name": "simclr_ema_test", "engine.precision": "bf16",
+                                                         "train.steps": 3})
+        _train(cfg, ports[2 * i])
+        out[engine] = {"run": str(root / engine),
+                       "own": _inspect(cfg, root / engine / "checkpoints" / "latest", ports[2 * i + 1])}
+    return _portable(out)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_bf16(fmnist_shards, tmp_path_factory):
+    return _tensors(run_ranks(_deepspeed_bf16, fmnist_shards, tmp_path_factory.mktemp("ds_bf16"),
+                              [free_port() for _ in range(4)], init_pg=False)[0])
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_bf16_keeps_ema_teacher_in_fp32(deepspeed_bf16, engine):
+    """DeepSpeed casts every parameter to bf16; a bf16 EMA teacher barely moves (most updates are below half an
+    ulp), so the engine keeps frozen parameters in fp32: a teacher that moved holds values bf16 cannot."""
+    from pipeline.engines.deepspeed import DeepSpeedEngine
+    from pipeline.methods import build_method
+
+    res = deepspeed_bf16[engine]
+    assert res["own"]["teacher_dtypes"] == ["torch.float32"]  # after a resume too
+    cfg = _config({"train": "", "test": ""}, Path(res["run"]), engine, **{"method.name": "simclr_ema_test"})
+    saved = DeepSpeedEngine.read_model_state(Path(res["run"]) / "checkpoints" / "latest", build_method(cfg))
+    teacher = torch.cat([v.flatten() for k, v in saved.items() if k.startswith("teacher.")])
+    assert teacher.dtype == torch.float32
+    assert (teacher != teacher.bfloat16().float()).float().mean() > 0.5
+    # loaded into a fresh engine, the full state (teacher included) is what the checkpoint holds
+    _assert_state_close(res["own"]["state"], saved, f"{engine} bf16: reloaded vs zero_to_fp32")
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_bf16_export_holds_the_fp32_master_weights(deepspeed_bf16, engine):
+    from safetensors.torch import load_file
+
+    from pipeline.engines.deepspeed import DeepSpeedEngine
+    from pipeline.export import WEIGHTS
+    from pipeline.methods import build_method
+
+    run = Path(deepspeed_bf16[engine]["run"])
+    cfg = _config({"train": "", "test": ""}, run, engine, **{"method.name": "simclr_ema_test"})
+    masters = DeepSpeedEngine.read_model_state(run / "checkpoints" / "latest", build_method(cfg))
+    exported = load_file(str(run / "export" / WEIGHTS))
+    assert exported
+    for k, v in exported.items():
+        torch.testing.assert_close(v, masters[f"encoder.{k}"].float(), rtol=0, atol=0, msg=k)
+
+
+# -- EMA teachers are sharded block by block ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_frozen_transformer_block_is_a_sharding_unit(name):
+    """A teacher left out of ``teacher_blocks`` still trains correctly, but FSDP2 then gathers it whole with the
+    root unit and keeps it gathered until backward ends (the root does not reshard after forward)."""
+    from timm.models.vision_transformer import Block
+
+    from pipeline.config import load_config
+    from pipeline.methods import build_method
+
+    cfg = load_config(QUICKSTART, [f"method.name={name}", "model.depth=2", "model.embed_dim=32", "model.num_heads=2"])
+    method = build_method(cfg)
+    frozen = [m for m in method.modules() if isinstance(m, Block) and not any(p.requires_grad for p in m.parameters())]
+    units = {id(u) for u in method.shard_units()}
+    assert all(id(b) in units for b in frozen)
+    assert {id(b) for b in method.teacher_blocks()} == {id(b) for b in frozen}
+    if name in ("byol", "mocov3", "dino", "simclr_ema_test"):  # the EMA methods: a whole teacher encoder
+        assert len(frozen) == len(method.encoder.blocks) == 2
 
 
 # -- configuration ------------------------------------------------------------------------------------------

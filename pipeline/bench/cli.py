@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 DESCRIPTION = """Throughput benchmarks. Every mode writes <mode>.json (every figure, the resolved config, the
 machine, the command), <mode>.md and PNG plots into benchmarks/results/<date>_<hardware>_<model>/ and adds
@@ -21,6 +23,9 @@ its command and table to README.md there.
             relative to the same trainer on synthetic batches
   baseline  the trainer against a bare loop (same timm ViT, loss, AdamW, plain DDP, no pipeline code), run
             alternately in the same processes; overhead_ratio = ours / bare step time (target <= 1.05)
+  memory    bytes of parameters, master copies, gradients and optimizer state each rank holds under each
+            engine (ddp, fsdp, zero1-3), counted tensor by tensor after a few real steps, against DDP; and
+            each process's peak RSS above its RSS before the model was built
   scaling   1 vs 2 processes measured here, and a model of the step time at N GPUs x M nodes from the
             measured compute time and the bytes each step moves; prints predicted scaling efficiency
 
@@ -54,7 +59,7 @@ def _common(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="throughput benchmarks: model | loader | e2e | baseline | scaling",
+    bench = sub.add_parser("bench", help="benchmarks: model | loader | e2e | baseline | memory | scaling",
                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = bench.add_subparsers(dest="bench_mode", required=True)
 
@@ -86,6 +91,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _common(b, steps=20, warmup=10)
     b.add_argument("--repeats", type=int, default=4, help="pairs of runs (order alternates ours/bare)")
     b.set_defaults(fn=cmd_baseline)
+
+    me = modes.add_parser("memory", help="per-rank bytes of parameters, gradients, optimizer state; peak RSS")
+    me.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.name=vit_base_patch16_224")
+    me.add_argument("--config", help="YAML preset (default: the built-in defaults)")
+    me.add_argument("--nprocs", type=int, default=2, help="local processes (one GPU each on GPUs; gloo on CPU)")
+    me.add_argument("--steps", type=int, default=3, help="training steps per engine (>= 2); counted before the last")
+    me.add_argument("--engines", default="ddp,fsdp,zero1,zero2,zero3", help="ddp, fsdp, zero1, zero2, zero3")
+    me.add_argument("--precisions", default="", help="fp32,bf16 (default: engine.precision)")
+    me.add_argument("--output-root", default="benchmarks/results", help="parent of the results folder")
+    me.add_argument("--output", help="exact results folder (default: OUTPUT_ROOT/<date>_<hardware>_<model>)")
+    me.add_argument("--tag", default="", help="write memory_TAG.{json,md} (a variant beside the default run)")
+    me.add_argument("--no-progress", action="store_true")
+    me.set_defaults(fn=cmd_memory)
 
     s = modes.add_parser("scaling", help="1 vs 2 processes here + predicted scaling to N GPUs x M nodes")
     _common(s, steps=10, warmup=3)
@@ -228,6 +246,42 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     path = write_mode(out, "baseline", _payload("baseline", args, cfg, device, args.nprocs, rows, summary,
                                                 overhead_ratio=summary["overhead_ratio"], flops=flops),
                       {"": table}, ["baseline.png"], notes=line)
+    print(f"results: {path}")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from pipeline.bench.common import run_ranks
+    from pipeline.bench.memory import add_ratios, bench_memory_rank, engine_overrides
+    from pipeline.bench.report import COLUMNS, markdown_table, write_mode
+
+    cfg, device, out = _setup(args)
+    # Spawned ranks start with glibc's mmap threshold pinned (128 KiB unless set): freed tensors go back to the OS
+    # at once, instead of staying in the heap once the threshold has risen, so RSS follows live memory.
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    rows = []
+    for precision in [p for p in args.precisions.split(",") if p] or [cfg.engine.precision]:
+        for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
+            run = copy.deepcopy(cfg)
+            run.engine.precision = precision
+            for key, value in engine_overrides(name).items():
+                setattr(run.engine, key, value)
+            if not args.no_progress:
+                print(f"bench memory: {name}, {precision}, {args.nprocs} process(es)", flush=True)
+            with patch.dict(os.environ, {"MALLOC_MMAP_THRESHOLD_": threshold}):  # fresh processes each
+                rows += run_ranks(bench_memory_rank, run, args.steps, nprocs=args.nprocs)
+    add_ratios(rows)
+    table = markdown_table(rows, COLUMNS["memory"])
+    print(table)
+    notes = ("Bytes each rank holds before the last optimizer step, every storage counted once at its full size "
+             "(`Engine.resident_tensors`); MB = 10^6 bytes. `state` = params + master + optim; `x DDP` columns "
+             "divide by DDP's figure on the same rank. RSS columns: the process's resident set (when counted, and "
+             "its peak) minus its resident set before the model was built, with MALLOC_MMAP_THRESHOLD_="
+             f"{threshold}. See pipeline/bench/memory.py.")
+    mode = f"memory_{args.tag}" if args.tag else "memory"
+    payload = _payload("memory", args, cfg, device, args.nprocs, rows,
+                       malloc_mmap_threshold=threshold)
+    path = write_mode(out, mode, payload, {"": table}, [], notes=notes)
     print(f"results: {path}")
     return 0
 

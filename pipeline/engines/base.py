@@ -13,6 +13,7 @@ from pipeline.config import Config
 from pipeline.data.loader import Batch
 from pipeline.distributed import DistEnv
 from pipeline.methods.base import Method
+from pipeline.models import held_tensors
 from pipeline.schedules import GroupSchedule, cosine, warmup_cosine
 
 
@@ -99,6 +100,17 @@ class Engine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def resident_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The training state this rank holds, by kind: ``params`` (what the model computes with: this rank's
+        shards under FSDP2 and ZeRO-3), ``master`` (separate copies the optimizer steps instead of the
+        parameters: none here, AdamW steps the parameters themselves), ``grads`` and ``optim`` (AdamW's moments
+        and step counts). Tensors may be views of one buffer: count their storages once
+        (``pipeline.bench.memory``). Read it between backward and ``step`` to see the gradients."""
+        params = list(self.method.parameters())
+        grads = [t for p in params if p.grad is not None for t in held_tensors(p.grad)]
+        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return {"params": [t for p in params for t in held_tensors(p)], "master": [], "grads": grads, "optim": optim}
 
     # -- state ------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:

@@ -10,7 +10,9 @@ EMA teachers: ZeRO-1/2 partition only optimizer state (and gradients), so every 
 student parameters and ``ema_update`` lerps them whole. ZeRO-3 partitions every module parameter, frozen ones
 included, the same way for the same shape: ``ema_update`` lerps the teacher's ``ds_tensor`` partitions toward
 the student's (and the gathered copies of "persistent" small parameters), so teachers are sharded alongside.
-Checkpoints keep frozen parameters (``exclude_frozen_parameters=False``) and zero_to_fp32 restores them.
+Checkpoints keep frozen parameters (``exclude_frozen_parameters=False``) and zero_to_fp32 restores them. In bf16
+runs DeepSpeed casts every parameter to bf16; frozen ones are put back in fp32 (``_restore_fp32``: a bf16 EMA
+barely moves), and ``method_state_dict`` exports the fp32 masters rather than their bf16 rounding.
 """
 
 from __future__ import annotations
@@ -99,6 +101,25 @@ def _forget_stale_groups() -> None:
         groups._release_process_group_references(group=None)
 
 
+def _restore_fp32(frozen: dict[torch.nn.Parameter, torch.Tensor], rank: int) -> None:
+    """Put frozen parameters (EMA teachers) back in fp32 after DeepSpeed cast every parameter to bf16.
+
+    No optimizer keeps an fp32 master of a frozen parameter, and a bf16 EMA cannot move: an update of
+    (1 - momentum) x (student - teacher) is mostly below half a bf16 ulp of the teacher (0.2%), so the teacher
+    would stay close to its initial copy. Autocast casts the fp32 weights for the teacher's forward. Under ZeRO-3
+    each rank's partition is its slice of the flattened parameter, zero-padded at the end (and "persistent"
+    parameters also hold the whole tensor); DeepSpeed gathers each partition in its own dtype."""
+    for p, full in frozen.items():
+        if hasattr(p, "ds_tensor"):
+            n = p.ds_tensor.numel()
+            part = full.flatten()[rank * n:(rank + 1) * n]
+            p.ds_tensor.data = torch.cat([part, part.new_zeros(n - part.numel())])
+            if p.data.numel():
+                p.data = full
+        else:
+            p.data = full
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -125,10 +146,12 @@ class DeepSpeedEngine(Engine):
                 block.compile()
         self.build_optimizer(method, total_steps)
         world = dist.get_world_size()
+        frozen = {p: p.detach().clone() for p in method.parameters() if not p.requires_grad} if self.dtype else {}
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=method, optimizer=self.optimizer, lr_scheduler=self.scheduler,
             config=ds_config(self.cfg, world, bf16=self.dtype is not None), dist_init_required=False,
         )
+        _restore_fp32(frozen, dist.get_rank())
         self.model = self.ds
 
     # -- one step ---------------------------------------------------------------------------------------------
@@ -160,6 +183,24 @@ class DeepSpeedEngine(Engine):
     def zero_grad(self) -> None:
         self.ds.zero_grad()
 
+    def resident_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """DeepSpeed's own kinds (the buffers its ``offload_states`` moves): the model-dtype parameters (ZeRO-1/2:
+        one flat buffer the module's parameters view; ZeRO-3: this rank's partitions plus the small "persistent"
+        parameters kept gathered), the fp32 master partitions the wrapped AdamW steps (``master``: a copy
+        even in fp32 runs), the reduced gradient partitions, AdamW's state, and ZeRO-3's reduce buckets."""
+        held = super().resident_tensors()
+        zero = self.optimizer
+        if self.ds.zero_optimization_stage() == 3:
+            grads = [zero.grad_partitions_flat_buffer]
+            held["buckets"] = [b.buffer for b in zero.ipg_buckets.values() if torch.is_tensor(b.buffer)]
+        else:
+            grads = [g for gs in zero.averaged_gradients.values() if gs is not None for g in gs if g is not None]
+        # what AdamW steps: its state's keys (ZeRO-3 lends it each partition only during the step)
+        held["master"] = list(zero.optimizer.state) + [p for g in zero.optimizer.param_groups for p in g["params"]]
+        held["grads"] += grads + [p.grad for p in held["master"] if p.grad is not None]
+        held["optim"] = [v for s in zero.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return held
+
     # -- state ------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         self.ds.save_checkpoint(str(path), tag=TAG, save_latest=False)
@@ -177,6 +218,16 @@ class DeepSpeedEngine(Engine):
             sd = self.ds._zero3_consolidated_16bit_state_dict()
         else:
             sd = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
+        if self.dtype is not None:
+            # bf16 runs: the trained weights are the fp32 masters (what zero_to_fp32 and the other engines
+            # export), not their bf16 rounding the module computes with. Collective, one parameter at a time.
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, p in self.method.named_parameters():
+                if p.requires_grad:
+                    full = safe_get_full_fp32_param(p)
+                    if self.env.is_main:
+                        sd[name] = full.detach().to("cpu", copy=True)
         return sd if self.env.is_main else None
 
     @classmethod

@@ -67,12 +67,19 @@ class Method(nn.Module):
         return list(getattr(self.encoder, "blocks", []))
 
     def teacher_blocks(self) -> list[nn.Module]:
-        """Transformer blocks of the networks updated without gradients (EMA teachers), which methods that have
-        one override. Sharding engines shard them exactly like the student's blocks (FSDP2: one unit per block;
-        ZeRO-3 partitions every parameter alike), so each rank holds the same slice of a teacher parameter as of
-        the student parameter it tracks and the EMA update (``pipeline.models.ema_update``) is a local lerp of
-        shards, with no communication. DDP and ZeRO-1/2 replicate teachers on every rank."""
-        return []
+        """Transformer blocks of the networks updated without gradients (EMA teachers): by default the ``blocks``
+        of every child network whose parameters are all frozen (what ``make_teacher`` returns). Sharding engines
+        shard them exactly like the student's blocks (FSDP2: one unit per block, so a teacher is gathered one
+        block at a time rather than whole with the root; ZeRO-3 partitions every parameter alike), so each rank
+        holds the same slice of a teacher parameter as of the student parameter it tracks and the EMA update
+        (``pipeline.models.ema_update``) is a local lerp of shards, with no communication. DDP and ZeRO-1/2
+        replicate teachers on every rank."""
+        out: list[nn.Module] = []
+        for net in self.children():
+            params = list(net.parameters())
+            if params and not any(p.requires_grad for p in params):
+                out += list(getattr(net, "blocks", []))
+        return out
 
     def shard_units(self) -> list[nn.Module]:
         """Every module an engine wraps as its own sharding unit (FSDP2 ``fully_shard``), students first."""
