@@ -212,7 +212,7 @@ def test_time_limit_signals_requeues_and_resumes(fmnist_shards, slurm_cluster, t
 
     slurmctld checks time limits every 30 s, so the signal lands 20-50 s into the job (the first check, ~27 s, on
     a fresh cluster). The run is long enough that no attempt can finish before that even on an idle machine
-    (~0.2 s/step); once a requeue after a checkpoint is seen, the limit is raised so the resumed attempt runs to
+    (batch 128: ~0.3 s/step with the DALI loader, which did 250 steps of batch 32 in 23 s); once a requeue after a checkpoint is seen, the limit is raised so the resumed attempt runs to
     the end instead of being requeued again and again on a busy machine (~0.5 s/step).
     """
     run_dir = tmp_path / "runs" / "timeout"
@@ -220,7 +220,7 @@ def test_time_limit_signals_requeues_and_resumes(fmnist_shards, slurm_cluster, t
     cfg = tiny_slurm_config(
         fmnist_shards, run_dir, **{"train.steps": steps, "checkpoint.every_steps": 1000, "metrics.log_every": log_every,
                                    "launcher.slurm.timeout_min": 1, "launcher.slurm.signal_delay_s": 40,
-                                   "launcher.slurm.max_num_timeout": 5}
+                                   "launcher.slurm.max_num_timeout": 5, "loader.batch_size": 128}
     )  # fmt: skip
     job = submit_slurm(cfg)
     latest = run_dir / "checkpoints" / "latest"

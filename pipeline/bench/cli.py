@@ -269,7 +269,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
             if not args.no_progress:
                 print(f"bench memory: {name}, {precision}, {args.nprocs} process(es)", flush=True)
             with patch.dict(os.environ, {"MALLOC_MMAP_THRESHOLD_": threshold}):  # fresh processes each
-                rows += run_ranks(bench_memory_rank, run, args.steps, nprocs=args.nprocs)
+                rows += run_ranks(bench_memory_rank, run, args.steps, nprocs=args.nprocs, spawn=True)
     add_ratios(rows)
     table = markdown_table(rows, COLUMNS["memory"])
     print(table)

@@ -150,12 +150,14 @@ def run_in_process(fn: Callable, cfg: Config, *args: Any) -> Any:
             destroy_distributed()
 
 
-def run_ranks(fn: Callable, cfg: Config, *args: Any, nprocs: int = 1, timeout: float = 7200) -> Any:
+def run_ranks(fn: Callable, cfg: Config, *args: Any, nprocs: int = 1, timeout: float = 7200,
+              spawn: bool = False) -> Any:
     """Run ``fn(cfg, env, device, *args)`` on ``nprocs`` local ranks; returns rank 0's result.
 
-    One process runs here, in this interpreter. More are spawned with torchrun's environment variables (as the
+    One process runs here, in this interpreter, unless ``spawn`` (a measurement that needs a fresh process, such
+    as peak RSS). More are spawned with torchrun's environment variables (as the
     local launcher does), one device each on GPUs; ``fn`` must be a module-level function."""
-    if nprocs == 1 or "RANK" in os.environ:  # one process, or already one rank of a torchrun / srun job
+    if (nprocs == 1 and not spawn) or "RANK" in os.environ:  # one process, or already one rank of a torchrun / srun job
         return run_in_process(fn, cfg, *args)
     import torch.multiprocessing as mp
 
