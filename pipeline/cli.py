@@ -75,7 +75,7 @@ def print_summary(path: Path) -> None:
         print(f"{'':14s}{'pretrained':>12s}{'random init':>13s}{'raw pixels':>12s}")
         for metric in ("linear_probe", "knn"):
             row = s[metric]
-            print(f"{metric:14s}" + "".join(f"{row.get(k, float('nan')) * 100:>{w}.1f}%"
+            print(f"{metric:14s}" + "".join(f"{row[k] * 100:>{w}.1f}%" if k in row else f"{'-':>{w + 1}s}"
                                             for k, w in (("pretrained", 11), ("random_init", 12), ("raw_pixels", 11))))
         print(f"(fitted on {s['num_train']} samples, scored on {s['num_test']})")
     if "images_per_sec" in s:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.losses.gather import all_reduce_sum, world
@@ -47,13 +48,22 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     statistics go through the gather module instead: one differentiable all-reduce of the per-feature sums of
     x and x^2, whose summing backward gives every rank the gradient all ranks' losses send through the
     statistics (exact under DDP's averaging, as for the global losses in ``pipeline.losses.ssl``). The same code
-    runs on gloo and NCCL and under every engine. One process, or eval mode: plain BatchNorm1d. State dict keys
-    are BatchNorm1d's, so checkpoints move between ``method.sync_bn`` settings."""
+    runs on gloo and NCCL and under every engine. One process, eval mode, or ``global_stats=False``
+    (``method.sync_bn=false``): BatchNorm1d over this rank's rows. State dict keys are BatchNorm1d's, so
+    checkpoints move between ``method.sync_bn`` settings.
+
+    Every head BatchNorm is one of these, synced or not, because of DeepSpeed bf16: it casts parameters to bf16
+    but leaves buffers fp32, and torch's batch_norm refuses bf16 weights beside fp32 running statistics. Here
+    the per-rank path then normalises in the buffers' dtype."""
+
+    def __init__(self, *args, global_stats: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.global_stats = global_stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, ws = world()
-        if ws == 1 or not self.training:
-            return super().forward(x)
+        if ws == 1 or not self.training or not self.global_stats:
+            return self._local(x)
         n = x.shape[0] * ws  # the loaders give every rank the same batch size
         xf = x.float()
         mean, mean_sq = (all_reduce_sum(torch.cat([xf.sum(dim=0), xf.pow(2).sum(dim=0)])) / n).chunk(2)
@@ -69,18 +79,30 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             y = y * self.weight + self.bias
         return y.to(x.dtype)
 
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.affine or self.running_mean is None or self.weight.dtype == self.running_mean.dtype:
+            return super().forward(x)
+        dtype = self.running_mean.dtype  # updated in place: compute in the buffers' dtype
+        m = 0.0
+        if self.training:  # as BatchNorm1d.forward: count the batch; momentum None is the cumulative average
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        y = F.batch_norm(x.to(dtype), self.running_mean, self.running_var, self.weight.to(dtype),
+                         self.bias.to(dtype), self.training, m, self.eps)
+        return y.to(x.dtype)
 
-def sync_batchnorm(module: nn.Module) -> nn.Module:
+
+def sync_batchnorm(module: nn.Module, global_stats: bool = True) -> nn.Module:
     """Swap every ``nn.BatchNorm1d`` in ``module`` for a :class:`GlobalBatchNorm1d` with the same state."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
             synced = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats)
+                                       child.track_running_stats, global_stats=global_stats)
             synced.load_state_dict(child.state_dict())
             synced.requires_grad_(any(p.requires_grad for p in child.parameters()))  # teachers stay frozen
             setattr(module, name, synced)
         else:
-            sync_batchnorm(child)
+            sync_batchnorm(child, global_stats)
     return module
 
 

@@ -387,14 +387,35 @@ def _views(world: int) -> list[torch.Tensor]:
 def _byol_steps(world: int) -> dict[str, list[float]]:
     """BYOL (BatchNorm in projector and predictor, ``method.sync_bn`` on) under each engine: this rank's losses
     of 2 optimizer steps. ``ddp_per_rank_bn`` turns ``method.sync_bn`` off."""
-    variants = {**ENGINES, "ddp_per_rank_bn": {"engine.name": "ddp", "method.sync_bn": False}} if world > 1 else {
-        "ddp": ENGINES["ddp"]}
+    variants = {**ENGINES, "ddp_per_rank_bn": {"engine.name": "ddp", "method.sync_bn": False},
+                **DS_BF16} if world > 1 else {"ddp": ENGINES["ddp"]}
     out = {}
     for name, engine in variants.items():
         _, eng = _setup(BYOL, {"loader.batch_size": 16 // world, **engine}, 2)
         losses = []
         for _ in range(2):
             loss, _ = eng.micro_step(Batch(_views(world)), sync=True, scale=1.0)
+            eng.step()
+            losses.append(loss.item())
+        out[name] = losses
+    return out
+
+
+# DeepSpeed bf16 casts parameters to bf16 and leaves buffers (BatchNorm running statistics) fp32, which torch's
+# batch_norm refuses; the head BatchNorm then normalises in the buffers' dtype.
+DS_BF16 = {"zero2_bf16": {"engine.name": "deepspeed", "engine.zero_stage": 2, "engine.precision": "bf16"},
+           "zero2_bf16_per_rank_bn": {"engine.name": "deepspeed", "engine.zero_stage": 2, "engine.precision": "bf16",
+                                      "method.sync_bn": False},
+           "zero3_bf16": {"engine.name": "deepspeed", "engine.zero_stage": 3, "engine.precision": "bf16"}}
+
+
+def _byol_bf16_one_process() -> dict[str, list[float]]:
+    out = {}
+    for name in ("zero2_bf16", "zero3_bf16"):
+        _, eng = _setup(BYOL, {"loader.batch_size": 16, **DS_BF16[name]}, 2)
+        losses = []
+        for _ in range(2):
+            loss, _ = eng.micro_step(Batch(_views(1)), sync=True, scale=1.0)
             eng.step()
             losses.append(loss.item())
         out[name] = losses
@@ -452,6 +473,21 @@ def test_head_batchnorm_is_global_under_every_engine(head_checks):
         losses = torch.tensor([r["byol"][name] for r in head_checks], dtype=torch.float64).mean(0)
         close = torch.allclose(losses, single, rtol=RTOL, atol=ATOL)
         assert close == (name != "ddp_per_rank_bn"), (name, losses.tolist(), single.tolist())
+
+
+def test_head_batchnorm_under_deepspeed_bf16(head_checks):
+    """BYOL's head BatchNorm with DeepSpeed bf16 (bf16 weights, fp32 running statistics), in one process and on
+    2 ranks with global and per-rank statistics: it trains, and its losses follow the fp32 run within bf16's
+    precision (global statistics only: per-rank statistics give other losses, see above)."""
+    single = torch.tensor(_byol_steps(1)["ddp"], dtype=torch.float64)
+    one = run_ranks(_byol_bf16_one_process, world_size=1)[0]
+    for name, losses in one.items():
+        assert torch.allclose(torch.tensor(losses, dtype=torch.float64), single, rtol=3e-2), (name, losses, single)
+    for name in DS_BF16:
+        losses = torch.tensor([r["byol"][name] for r in head_checks], dtype=torch.float64).mean(0)
+        assert torch.isfinite(losses).all(), (name, losses)
+        if name != "zero2_bf16_per_rank_bn":
+            assert torch.allclose(losses, single, rtol=3e-2), (name, losses.tolist(), single.tolist())
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -146,6 +147,23 @@ def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, 
                     str(tmp_path / "again")], cwd=ROOT, env=_env(), check=True, capture_output=True)
     a, b = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "run" / "export" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_one_process_launch_runs_every_engine_without_torchrun_variables(fmnist_shards, tmp_path):
+    """``launcher.nprocs=1`` trains in the launching process, where no torchrun variable is set; DeepSpeed
+    asserts LOCAL_RANK is, so the engine supplies it. BYOL in bf16: head BatchNorm with bf16 weights."""
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    for engine in ("fsdp", "deepspeed"):
+        run = tmp_path / engine
+        cmd = [sys.executable, "-m", "pipeline", "launch", "configs/byol.yaml",
+               *tiny_overrides(fmnist_shards, run, **{"launcher.nprocs": 1, "engine.name": engine,
+                                                      "engine.precision": "bf16", "train.steps": 2,
+                                                      "method.byol.pred_hidden_dim": 64})]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["world_size"] == 1 and math.isfinite(summary["final_loss"])
 
 
 class _NaNAfter:

@@ -138,6 +138,9 @@ class DeepSpeedEngine(Engine):
             # any group that did not exist when it started.
             _init_single_process_group(self.device)
         _forget_stale_groups()
+        # DeepSpeed asserts LOCAL_RANK is set, which only torchrun-style launchers do: one in-process run, or a
+        # Slurm/Ray rank whose position came from another environment, passes its own.
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
         method.to(self.device)
         if self.cfg.model.grad_checkpointing and hasattr(method.encoder, "set_grad_checkpointing"):
             method.encoder.set_grad_checkpointing(True)

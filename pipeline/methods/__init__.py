@@ -32,4 +32,4 @@ def build_method(cfg: Config) -> Method:
         raise KeyError(f"unknown method.name {cfg.method.name!r}; known: {', '.join(METHODS)}")
     method = METHODS[cfg.method.name](cfg)
     # Global batch statistics in the heads (what the papers' SyncBatchNorm gives); identical in one process.
-    return sync_batchnorm(method) if cfg.method.sync_bn else method
+    return sync_batchnorm(method, global_stats=cfg.method.sync_bn)
