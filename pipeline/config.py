@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -119,11 +119,11 @@ class ModelConfig:
     name: str = "vit_small_patch16_224"
     """timm model name; built with ``pretrained=False``."""
     img_size: int = 224
-    patch_size: Optional[int] = None
+    patch_size: int | None = None
     """Override the patch size of the timm preset (None keeps it)."""
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
     drop_path_rate: float = 0.0
     dynamic_img_size: bool = False
     """Accept inputs of any size (position embeddings interpolated): DINO's local crops need it."""

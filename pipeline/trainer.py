@@ -45,7 +45,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, env: DistEnv, tensorboard: bool) -> None:
         self.env = env
-        self.file = open(run_dir / "metrics.jsonl", "a") if env.is_main else None
+        self.file = open(run_dir / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115 (run-long; closed in close())
         self.tb = None
         if env.is_main and tensorboard:
             try:
@@ -219,7 +219,7 @@ class Trainer:
         keys_file = None
         if cfg.metrics.sample_keys:
             (self.run_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
-            keys_file = open(self.run_dir / "sample_keys" / f"rank{env.rank}.txt", "a", buffering=1)
+            keys_file = open(self.run_dir / "sample_keys" / f"rank{env.rank}.txt", "a", buffering=1)  # noqa: SIM115 (run-long)
         while step < end:
             for micro in range(accum):
                 t = time.perf_counter()

@@ -30,7 +30,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, i
         if init_pg:
             dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         queue.put((rank, "ok", pickle.dumps(fn(*args))))  # bytes: tensors must not travel as shared memory
-    except BaseException:  # report to the parent instead of hanging it
+    except BaseException:  # noqa: BLE001 report to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if init_pg and dist.is_initialized():

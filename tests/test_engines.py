@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from multirank import free_port, run_ranks
 from conftest import tiny_overrides
+from multirank import free_port, run_ranks
+
 from pipeline.data.loader import Batch
 from pipeline.losses.contrastive import nt_xent
 from pipeline.methods import METHODS
@@ -260,8 +260,8 @@ def scenario(fmnist_shards, tmp_path_factory):
 
 def _assert_state_close(a: dict, b: dict, what: str) -> None:
     assert sorted(a) == sorted(b), what
-    for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {k}: {m}")
+    for k, v in a.items():
+        torch.testing.assert_close(v.float(), b[k].float(), rtol=RTOL, atol=ATOL, msg=lambda m, k=k: f"{what}: {k}: {m}")
 
 
 # -- every engine ---------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_truncated_idx_is_reported(tmp_path):
 
 def test_dali_index_matches_wds2idx(image_folder, tmp_path):
     pytest.importorskip("wds2idx", reason="DALI's wds2idx is installed with nvidia-dali")
-    items, total, classes = S.folder_items(image_folder)
+    items, total, _ = S.folder_items(image_folder)
     S.write_shards(items, tmp_path / "out", shard_size=100, total=total, progress=False)
     ref = tmp_path / "ref.idx"
     subprocess.run([sys.executable, "-c", "import sys, wds2idx; sys.exit(wds2idx.main())",
@@ -152,7 +152,7 @@ def test_open_shards_errors(tmp_path, image_folder):
         S.open_shards(tmp_path / "empty")
     with pytest.raises(S.ShardError, match="no shard folder given"):
         S.open_shards("")
-    items, total, classes = S.folder_items(image_folder)
+    items, total, _ = S.folder_items(image_folder)
     S.write_shards(items, tmp_path / "out", shard_size=4, total=total, progress=False)
     with pytest.raises(S.ShardError, match=r"\['txt'\] are needed"):
         S.open_shards(tmp_path / "out", require=("txt",))

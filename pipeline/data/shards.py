@@ -205,8 +205,7 @@ def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
     tmp = Path(str(idx_path) + ".tmp")
     with open(tmp, "w") as f:
         f.write(f"{DALI_INDEX_VERSION} {len(bundles)}\n")
-        for bundle in bundles:
-            f.write(" ".join(" ".join(map(str, comp)) for comp in bundle) + "\n")
+        f.writelines(" ".join(" ".join(map(str, comp)) for comp in bundle) + "\n" for bundle in bundles)
     os.replace(tmp, idx_path)
     return len(bundles)
 
@@ -272,7 +271,7 @@ def write_shards(
     for item in bar:
         try:
             data, ext, _, mode = _encode(item, image_format, background)
-        except Exception as exc:  # PIL raises many types for bad files
+        except Exception as exc:  # noqa: BLE001 PIL raises many types for bad files
             skipped.append({"item": item.source, "error": f"{type(exc).__name__}: {exc}"})
             bar.write(f"skipping unreadable image {item.source}: {type(exc).__name__}: {exc}")
             continue
@@ -281,7 +280,7 @@ def write_shards(
             continue
         if tar is None:
             tar_tmp = out / f"shard-{len(shards):06d}.tar.partial"
-            tar = tarfile.open(tar_tmp, "w", format=tarfile.USTAR_FORMAT)
+            tar = tarfile.open(tar_tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (spans many samples)
         key = f"{n_written:09d}"
         members = {ext: data}
         if item.label is not None:
