@@ -151,8 +151,7 @@ class Trainer:
             state = self.ckpt.load(resume_from, engine)
             step = int(state["step"])
             loader.load_state_dict(state["loader"])
-            if "loader" in state["rank"] and hasattr(loader, "load_rank_state_dict"):
-                loader.load_rank_state_dict(state["rank"]["loader"])
+            loader.load_rank_state_dict(state["rank"].get("loader", {}))
             print0(f"resumed from {resume_from} at step {step} (epoch {loader.epoch}, batch {loader.batch})")
         print0(f"run {self.run_dir}: {cfg.method.name} on {cfg.model.name}, engine {cfg.engine.name}, "
                f"{env.world_size} x {device.type} ({env.source}), {resolve_backend(cfg)} loader, batch {cfg.loader.batch_size} x {env.world_size} "
@@ -301,8 +300,7 @@ class Trainer:
         return bool(flag)
 
     def _save(self, step: int, engine, loader) -> None:
-        rank_state = {"loader": loader.rank_state_dict()} if hasattr(loader, "rank_state_dict") else None
-        self.ckpt.save(step, engine, {"loader": loader.state_dict()}, rank_state)
+        self.ckpt.save(step, engine, {"loader": loader.state_dict()}, {"loader": loader.rank_state_dict()})
 
     def _check_finite(self, first_bad: torch.Tensor, step: int) -> None:
         bad = first_bad.clone()

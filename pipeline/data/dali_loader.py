@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.loader import Batch, default_recipe, shard_order, steps_per_epoch
+from pipeline.data.loader import Batch, LoaderPosition, default_recipe, shard_order, steps_per_epoch
 from pipeline.data.recipes import Recipe, ViewSpec
 from pipeline.data.shards import ShardError, ShardSet, open_shards, write_dali_index
 from pipeline.distributed import DistEnv
@@ -236,7 +236,7 @@ def _key_of(source_info: str) -> str:
 # The loader
 
 
-class DaliLoader:
+class DaliLoader(LoaderPosition):
     """The DALI backend of the :class:`~pipeline.data.loader.Loader` protocol."""
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, *, shards: str | None = None,
@@ -283,11 +283,8 @@ class DaliLoader:
         self._it = None  # the running epoch's DALIGenericIterator
         self._restore: bytes | None = None  # DALI checkpoint of (epoch, batch) to resume from
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        super().load_state_dict(state)
         self._restore = None
 
     def rank_state_dict(self) -> dict:

@@ -66,9 +66,9 @@ class Batch:
 class Loader(Protocol):
     """What the trainer needs of a loader (torch, DALI and synthetic backends all provide it).
 
-    ``state_dict`` is the job's position (the same on every rank). A backend with per-rank state may also define
-    ``rank_state_dict() -> dict`` and ``load_rank_state_dict(state)``: the trainer saves it beside each rank's RNG
-    state and hands it back on a resume with the same number of ranks, after ``load_state_dict``.
+    ``state_dict`` is the job's position (the same on every rank). ``rank_state_dict`` is this rank's own state
+    (DALI's pipeline checkpoint): the trainer saves it beside each rank's RNG state and hands it back through
+    ``load_rank_state_dict`` on a resume with the same number of ranks, after ``load_state_dict``.
     """
 
     steps_per_epoch: int
@@ -78,6 +78,30 @@ class Loader(Protocol):
     def state_dict(self) -> dict[str, int]: ...
 
     def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+    def rank_state_dict(self) -> dict: ...
+
+    def load_rank_state_dict(self, state: dict) -> None: ...
+
+
+class LoaderPosition:
+    """The position every backend keeps: ``epoch`` and ``batch`` (batches of that epoch already yielded), and no
+    per-rank state unless a backend has some."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def rank_state_dict(self) -> dict:
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +279,7 @@ def _ignore_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class TorchLoader:
+class TorchLoader(LoaderPosition):
     """webdataset + PIL + torchvision v2 in DataLoader workers."""
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, *, shards: str | None = None,
@@ -277,12 +301,6 @@ class TorchLoader:
                              f"({self.batch_size} x {env.world_size} ranks)")
         self.epoch, self.batch = 0, 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
     def _epoch_loader(self) -> torch.utils.data.DataLoader:
         workers = min(self.num_workers, self.steps_per_epoch)
         return torch.utils.data.DataLoader(
@@ -300,7 +318,7 @@ class TorchLoader:
             self.epoch, self.batch = self.epoch + 1, 0
 
 
-class SyntheticLoader:
+class SyntheticLoader(LoaderPosition):
     """Random batches generated on the device: measures the model without the data path."""
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None) -> None:
@@ -310,12 +328,6 @@ class SyntheticLoader:
         self.epoch, self.batch = 0, 0
         self.gen = torch.Generator(device=device).manual_seed(cfg.run.seed + env.rank)
         self.texts = ["a photo"] * self.batch_size if self.recipe.with_text else None
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def __iter__(self) -> Iterator[Batch]:
         b = self.batch_size
