@@ -111,7 +111,7 @@ def first_refused(files: Sequence[Path], allow: Sequence = ()) -> UntrustedFileE
         try:
             try:
                 load_trusted(f, allow, map_location="cpu", mmap=True)
-            except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: read it whole
+            except (RuntimeError, OSError):  # a legacy (non-zip) file, or a file system without mmap: read it whole
                 load_trusted(f, allow, map_location="cpu")
         except UntrustedFileError as exc:
             return exc

@@ -203,8 +203,8 @@ def test_export_of_a_planted_checkpoint_is_refused(planted, engine, fmnist_shard
 
     res = planted(engine)
     for run, path in res["planted"].values():
-        if path.name.startswith("rng_") or path.name == "engine.pt":
-            continue  # the export reads the engine's model state only
+        if path.name.startswith("rng_") or path.suffix == ".distcp" or path.name == "engine.pt":
+            continue  # the export reads the model's state only (the .distcp plant is an optimizer entry)
         cfg = _config(fmnist_shards, run, engine)
         with pytest.raises(UntrustedFileError) as err:
             engine_class(cfg.engine.name).read_model_state(run / "checkpoints" / STEP, build_method(cfg))
@@ -274,3 +274,19 @@ def test_a_rank_state_that_weights_only_cannot_read_is_refused_at_save(tmp_path)
     torch.save(rng_state(), buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=True)["numpy"]["bit_generator"] == "MT19937"  # no allow-list needed
+
+
+def test_slurm_result_pickle_is_read_without_running_what_it_names(tmp_path):
+    pytest.importorskip("submitit")
+    from types import SimpleNamespace
+
+    from launchers.slurm import _read_outcome
+
+    result = tmp_path / "1_0_result.pkl"
+    job = SimpleNamespace(paths=SimpleNamespace(result_pickle=result))
+    result.write_bytes(pickle.dumps(("success", {"steps": 6, "loss": np.float64(1.5), "run": Plant(tmp_path / "m")})))
+    status, summary = _read_outcome(job)
+    assert status == "success" and summary["steps"] == 6
+    result.write_bytes(pickle.dumps(("error", "Traceback (most recent call last): ...")))
+    assert _read_outcome(job) == ("error", "Traceback (most recent call last): ...")
+    assert not (tmp_path / "m").exists()

@@ -69,21 +69,30 @@ def _is_file_name(name: Any) -> bool:
 
 
 class TrustedReader(FileSystemReader):
-    """DCP's file system reader, minus its two ways of running code from the folder (see the module docstring)."""
+    """DCP's file system reader, minus its two ways of running code from the folder (see the module docstring).
+    Remembers the first file it refused in ``refused``: DCP turns a failed metadata read into an assertion message
+    (after trying rank-local metadata instead), which :func:`trusted_dcp_load` replaces with the refusal."""
+
+    refused: UntrustedFileError | None = None
+
+    def _refuse(self, path: Any, detail: str) -> UntrustedFileError:
+        if self.refused is None:
+            self.refused = UntrustedFileError(path, detail)
+        return self.refused
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
         path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
-        try:
-            with open(path, "rb") as f:
+        with open(path, "rb") as f:
+            try:
                 metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as exc:
-            raise UntrustedFileError(path, str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 (truncated or garbled: say which file)
-            raise ValueError(f"{path}: not a readable DCP metadata file ({exc!r})") from None
+            except pickle.UnpicklingError as exc:
+                raise self._refuse(path, str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 (truncated or garbled: say which file)
+                raise ValueError(f"{path}: not a readable DCP metadata file ({exc!r})") from None
         infos = (metadata.storage_data or {}).values() if isinstance(metadata, Metadata) else [None]
         if not all(isinstance(i, _StorageInfo) and _is_file_name(i.relative_path) for i in infos):
-            raise UntrustedFileError(path, "not the metadata of a DCP folder, or it names files outside it")
+            raise self._refuse(path, "not the metadata of a DCP folder, or it names files outside it")
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -96,19 +105,23 @@ class TrustedReader(FileSystemReader):
         except pickle.UnpicklingError as exc:
             files = sorted({self.storage_data[i.storage_index].relative_path for i in plan.items})
             where = Path(self.path) / files[0] if len(files) == 1 else f"{self.path}/{{{','.join(files)}}}"
-            raise UntrustedFileError(where, refusal_reason(exc)) from None
+            raise self._refuse(where, refusal_reason(exc)) from None
 
 
 def trusted_dcp_load(state: dict, folder: Path, **kwargs: Any) -> None:
-    """``dcp.load`` through :class:`TrustedReader`. A refused file raises :class:`UntrustedFileError` on every rank
-    (DCP gathers each rank's failure into one ``CheckpointException``: the refusal is lifted out of it)."""
+    """``dcp.load`` through :class:`TrustedReader`. A refused file raises :class:`UntrustedFileError` on every rank:
+    the ranks that refused it, and the others, which get it among the failures DCP gathers from every rank."""
+    reader = TrustedReader(folder)
     try:
-        dcp.load(state, storage_reader=TrustedReader(folder), **kwargs)
-    except CheckpointException as exc:
-        refused = [e for e, _ in exc.failures.values() if isinstance(e, UntrustedFileError)]
-        if refused:
-            raise refused[0] from None
-        raise
+        dcp.load(state, storage_reader=reader, **kwargs)
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        failures = exc.failures.values() if isinstance(exc, CheckpointException) else []
+        refused = reader.refused or next((e for e, _ in failures if isinstance(e, UntrustedFileError)), None)
+        if refused is None:
+            raise
+        raise refused from None
+    if reader.refused is not None:  # DCP went on with rank-local metadata after refusing the folder's own
+        raise reader.refused
 
 
 class DCPStateEngine(Engine):

@@ -15,10 +15,11 @@ runs DeepSpeed casts every parameter to bf16; frozen ones are put back in fp32 (
 barely moves), and ``method_state_dict`` exports the fp32 masters rather than their bf16 rounding.
 
 Loading: DeepSpeed's files are its own pickles, and DeepSpeed reads them with ``torch.load(weights_only=False)``
-(its checkpoint engine, and zero_to_fp32). Every DeepSpeed load here runs under
-``pipeline.checkpoint.weights_only_loads``, which makes each of those ``torch.load`` calls weights-only with only
-the few DeepSpeed classes its files hold allow-listed (:func:`checkpoint_globals`); a file needing anything else is
-refused and named.
+(its checkpoint engine, and zero_to_fp32). Before DeepSpeed sees a checkpoint, each of its files is loaded
+weights-only once (memory-mapped: the pickled structure, not the tensor data) with only the few DeepSpeed classes
+its files hold allow-listed (:func:`checkpoint_globals`), and a file needing anything else is refused, by name, on
+every rank; DeepSpeed's own load then runs under ``pipeline.checkpoint.weights_only_loads``, which makes each of
+its ``torch.load`` calls weights-only with the same allow-list (a file swapped after the check is refused too).
 """
 
 from __future__ import annotations
