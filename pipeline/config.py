@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.rundir import write_atomic
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used: unknown key, wrong type or invalid value."""
@@ -659,4 +661,4 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # `pipeline export` may be reading it

@@ -34,6 +34,7 @@ from pipeline.distributed import (
 from pipeline.engines import build_engine
 from pipeline.export import export_encoder, load_exported
 from pipeline.methods import build_method
+from pipeline.rundir import owner_writes_only, write_atomic
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -111,7 +112,8 @@ def train(cfg: Config, report: Callable[[dict[str, Any]], None] | None = None,
     created_group = not torch.distributed.is_initialized()
     init_distributed(env, device, cfg.engine.backend)
     try:
-        return Trainer(cfg, env, device, report, stop).run()
+        with owner_writes_only():  # nothing in the run directory group- or world-writable, whatever the umask
+            return Trainer(cfg, env, device, report, stop).run()
     finally:
         if created_group:
             destroy_distributed()
@@ -195,7 +197,7 @@ class Trainer:
                 if env.is_main:
                     summary["zero_shot"] = zero_shot
         if env.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         barrier()
         return summary
 
