@@ -194,6 +194,26 @@ def test_repeat_shards_lengthens_the_epoch_for_both_backends(tmp_path):
     assert all(next(it).views[0].shape == (8, 3, 16, 16) for _ in range(dali.steps_per_epoch)) and dali.epoch == 0
 
 
+def test_bench_loader_measures_both_backends_on_repeated_shards(tmp_path):
+    """`pipeline bench loader` as run.sh calls it (shards already in --workdir, each listed twice), in a process of
+    its own: the benchmark pins its process to --cpu-cores."""
+    pytest.importorskip("nvidia.dali")
+    work, out = tmp_path / "work", tmp_path / "out"
+    jpeg_shards(work / "shards-40", 40)
+    p = subprocess.run([sys.executable, "-m", "pipeline", "bench", "loader", "--workdir", str(work), "--images", "40",
+                        "--repeat", "2", "--image-size", "32", "--batch-size", "4", "--batches", "2", "--repeats", "1",
+                        "--cpu-cores", "1", "--backends", "dali", "torch", "--output", str(out)],
+                       capture_output=True, text=True, timeout=1800, cwd=REPO, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    data = json.loads((out / "loader.json").read_text())
+    assert [r["backend"] for r in data["results"]] == ["dali", "torch"]
+    assert all(r["images_per_sec"] > 0 and r["device"] == "cpu" and r["views"] == 2 for r in data["results"])
+    assert data["meta"]["repeat"] == 2 and data["meta"]["environment"]["device_type"] == "cpu"
+    assert "git_commit" in data["meta"]["environment"]
+    assert open_shards(work / "shards-40-x2").num_samples == 80
+    assert "| dali | cpu | 32 | 1 |" in (out / "loader.md").read_text()
+
+
 def _run_sh(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHON": sys.executable, "GPU_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
             "RESULTS_DIR": str(tmp_path / "res"), **env}
@@ -226,7 +246,9 @@ def test_run_sh_cpu_rehearsal_installs_the_parts_and_runs_every_stage(tmp_path):
     m = pack.pack(stage, gpu, repo=tmp_path, part_mib=0.05)
     assert len(m["parts"]) >= 2
 
-    p = _run_sh(tmp_path, GPU_SMOKE="1", GPU_DIR=str(gpu), GPU_BUDGET_S="3600")
+    # the two files with -m gpu tests (collecting the whole suite again would only cost time here)
+    p = _run_sh(tmp_path, GPU_SMOKE="1", GPU_DIR=str(gpu), GPU_BUDGET_S="3600",
+                GPU_PYTEST_PATHS="tests/test_dali.py tests/test_bench.py")
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     out, res, site = tmp_path / "out", tmp_path / "res", tmp_path / "work" / "site"
     assert sorted(f.name for f in out.iterdir()) == ["results.tar.gz", "run.log", "summary.json", "summary.md"]
@@ -238,7 +260,7 @@ def test_run_sh_cpu_rehearsal_installs_the_parts_and_runs_every_stage(tmp_path):
     assert [(s["stage"], s["rc"]) for s in summary["stages"]] == [
         (s, 0) for s in ("install", "check", "pytest", "model-eager", "model-compile", "loader", "e2e")]
     assert summary["smoke"] and all(t["met"] is None for t in summary["targets"])
-    assert summary["tests"]["failed"] == summary["tests"]["errors"] == 0 and summary["tests"]["skipped"] >= 1
+    assert summary["tests"]["failed"] == summary["tests"]["errors"] == 0 and summary["tests"]["skipped"] >= 2
     model = json.loads((res / "model_eager" / "model.json").read_text())
     assert [r["batch_size"] for r in model["results"]] == [2, 4] and model["results"][0]["precision"] == "bf16"
     loader = json.loads((res / "loader" / "loader.json").read_text())

@@ -12,6 +12,7 @@
 # $OUT (run.log, summary.md, summary.json, results.tar.gz): a run cut short still returns what it measured.
 #
 # Environment: OUT (default runs/gpu-out), STAGES (comma list, default all of the above), GPU_BUDGET_S,
+# GPU_PYTEST_PATHS (default tests),
 # GPU_SMOKE=1 (a CPU rehearsal at tiny sizes), PYTHON (default python3), GPU_DIR (default .gpu),
 # GPU_WORK (default /tmp/gpu-run: payload and site-packages, outside the repository), RESULTS_DIR
 # (default benchmarks/results/<date>_gpu_<gpu>).
@@ -87,7 +88,8 @@ st_pytest() {
   fm=$(ls -d "$GPU_DIR"/call*/core/fmnist 2>/dev/null | sort -V | tail -1)
   [[ -n "$fm" ]] && export FASHION_MNIST_DIR=$(realpath "$fm")  # the subset tests/conftest.py reads
   "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 300)
-  "$PY" -m pytest "${args[@]}" tests 2>&1 | tee "$RES/pytest.txt"
+  # shellcheck disable=SC2086  # GPU_PYTEST_PATHS may name several
+  "$PY" -m pytest "${args[@]}" ${GPU_PYTEST_PATHS:-tests} 2>&1 | tee "$RES/pytest.txt"
 }
 
 st_model() {  # st_model COMPILE NAME

@@ -55,7 +55,7 @@ def read_pytest(res: Path) -> dict[str, Any] | None:
 
 def model_rows(res: Path) -> list[tuple[str, dict]]:
     out = []
-    for path in sorted(res.glob("model_*/model.json")):
+    for path in sorted(res.glob("model_*/model.json"), key=lambda p: (p.parent.name != "model_eager", p)):
         payload = _load(path)
         if payload:
             out.append((path.parent.name, payload))
