@@ -36,7 +36,7 @@ if ((SMOKE)); then  # tiny sizes on CPU: every stage runs the same commands as o
   TINY="model.embed_dim=32 model.depth=2 model.num_heads=2 model.patch_size=8 method.proj_hidden_dim=64 method.proj_dim=32"
   export MODEL_B="$TINY" MODEL_S="$TINY" LOADER_IMG=32
 else
-  export DEV=cuda REPEAT=64 LOADER_BATCH=256 LOADER_BATCHES=40 LOADER_REPEATS=2 LOADER_CORES=$CORES
+  export DEV=cuda REPEAT=64 LOADER_BATCH=256 LOADER_BATCHES=60 LOADER_REPEATS=2 LOADER_CORES=$CORES
   export MODEL_WARMUP=10 MODEL_STEPS=30 MODEL_BATCHES=64,128,256 IMG=224 E2E_BATCH=256 E2E_WARMUP=20 E2E_STEPS=200
   export E2E_LOG=20 COMPILE=true MODEL_B="" MODEL_S="" LOADER_IMG=224
 fi
