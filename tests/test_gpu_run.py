@@ -171,7 +171,8 @@ def test_repeat_shards_lengthens_the_epoch_for_both_backends(tmp_path):
 
     from pipeline.bench.loader import repeat_shards
     from pipeline.config import config_from_dict
-    from pipeline.data.loader import TorchLoader
+    from pipeline.data.recipes import build_recipe
+    from pipeline.data.torch_loader import TorchLoader
     from pipeline.distributed import DistEnv
 
     src = jpeg_shards(tmp_path / "s", 30)
@@ -179,16 +180,17 @@ def test_repeat_shards_lengthens_the_epoch_for_both_backends(tmp_path):
     shards = open_shards(dst, verify="sha256")
     assert shards.num_samples == 90 and len(shards.paths) == 3 * len(open_shards(src).paths)
     assert repeat_shards(src, tmp_path / "x3", 3) == dst  # made once
-    cfg = config_from_dict({"data": {"train_shards": str(dst)}, "augment": {"image_size": 16},
+    cfg = config_from_dict({"data": {"train_shards": str(dst)}, "augment": {"recipe": "simclr", "image_size": 16},
                             "loader": {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 4}})
-    tv = TorchLoader(cfg, DistEnv(), torch.device("cpu"))
+    recipe = build_recipe(cfg.augment)
+    tv = TorchLoader(cfg, DistEnv(), torch.device("cpu"), recipe)
     assert tv.steps_per_epoch == 90 // 8
     it = iter(tv)
     assert all(next(it).size == 8 for _ in range(tv.steps_per_epoch)) and tv.epoch == 0
     pytest.importorskip("nvidia.dali")
     from pipeline.data.dali_loader import DaliLoader
 
-    dali = DaliLoader(cfg, DistEnv(), torch.device("cpu"))
+    dali = DaliLoader(cfg, DistEnv(), torch.device("cpu"), recipe)
     assert dali.steps_per_epoch == 90 // 8
     it = iter(dali)
     assert all(next(it).views[0].shape == (8, 3, 16, 16) for _ in range(dali.steps_per_epoch)) and dali.epoch == 0

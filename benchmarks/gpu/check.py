@@ -22,7 +22,8 @@ from pathlib import Path
 MODULES = [
     "pipeline.cli", "pipeline.trainer", "pipeline.checkpoint", "pipeline.export", "pipeline.evaluation",
     "pipeline.engines.ddp", "pipeline.engines.fsdp", "pipeline.engines.deepspeed", "pipeline.engines.dcp_state",
-    "pipeline.losses.gather", "pipeline.data.loader", "pipeline.data.dali_loader", "pipeline.data.shards",
+    "pipeline.losses.gather", "pipeline.data.loader", "pipeline.data.torch_loader", "pipeline.data.dali_loader",
+    "pipeline.data.synthetic", "pipeline.data.plan", "pipeline.data.shards",
     "pipeline.bench.model", "pipeline.bench.loader", "pipeline.bench.e2e", "pipeline.bench.flops",
     "launchers.local", "launchers.slurm",
 ]

@@ -161,7 +161,7 @@ def bench_loader(shards: str | Path, *, backends: tuple[str, ...] = ("dali", "to
                 "loader": {"backend": backend, "batch_size": batch_size, "num_workers": cpu_cores},
                 "augment": {"recipe": recipe, "image_size": image_size},
             })
-            loader = build_loader(cfg, DistEnv(), dev)
+            loader = build_loader(cfg, DistEnv(), dev, build_recipe(cfg.augment))
             rates[backend].append(_measure(loader, warmup, batches, dev))
             del loader
     views = len(build_recipe(config_from_dict({"augment": {"recipe": recipe, "image_size": image_size}}).augment).views)
