@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# FASHION_MNIST_DIR: the same IDX files elsewhere (the GPU run carries a subset: benchmarks/gpu/README.md)
+FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,9 +24,12 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     _, ws = world()
     if ws == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_single_autograd
+    try:
+        from torch.distributed._functional_collectives import all_gather_single_autograd as gather
+    except ImportError:  # torch < 2.12 has only the older name, with the same all-gather / reduce-scatter pair
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd as gather
 
-    out = all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    out = gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
     return out.wait() if hasattr(out, "wait") else out
 
 
