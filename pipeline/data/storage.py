@@ -103,6 +103,12 @@ def s3_client():
         return _clients[key]
 
 
+def reset_clients() -> None:
+    """Forget this process's clients (after the AWS environment changed, e.g. another endpoint)."""
+    with _lock:
+        _clients.clear()
+
+
 def _fs(protocol: str):
     import fsspec
 
