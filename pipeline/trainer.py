@@ -145,6 +145,8 @@ class Trainer:
         engine.setup(method, total)
         seed_everything(cfg.run.seed + 1000 * env.rank + 1)  # per-rank streams (masking, etc.)
         loader = build_loader(cfg, env, device, recipe=build_recipe(cfg.augment, method_recipe=method.recipe))
+        if getattr(loader, "shards", None) is not None and hasattr(loader.shards, "describe"):
+            print0(f"data: {loader.shards.describe()}")
 
         step = 0
         if resume_from is not None:

@@ -199,3 +199,33 @@ def test_plan_covers_a_source_once_per_epoch(wds_shards, tmp_path):
     spans = epoch_spans(src, 0, 0)
     cut = plan_range(spans, 10, 70)
     assert sum(s.stop - s.start for s in cut) == 60 and cut[0].start == 10
+
+
+def _resolve_for_job_on_rank(parent: str, cache: str):
+    import torch.distributed as dist
+
+    from pipeline.data.sources import resolve_for_job
+
+    os.chdir(parent if dist.get_rank() == 0 else "/")  # a relative source only rank 0 can resolve itself
+    data = config_from_dict({"data": {"cache_dir": cache}}).data
+    src = resolve_for_job("bare", data)
+    try:
+        resolve_for_job("bare/nope", data)
+        err = ""
+    except ShardError as exc:
+        err = str(exc)
+    return dist.get_rank(), src.counts, src.streams[0].origin, err
+
+
+@pytest.mark.multirank
+def test_rank_zero_resolves_and_every_rank_gets_the_result_or_the_error(wds_shards, tmp_path):
+    from tests.multirank import run_ranks
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for i in range(4):
+        shutil.copy(wds_shards / f"{i:05d}.tar", bare)
+    out = run_ranks(_resolve_for_job_on_rank, str(tmp_path), str(tmp_path / "cache"))
+    assert [r[0] for r in out] == [0, 1]
+    assert out[0][1:3] == out[1][1:3] == (COUNTS, "scan")  # rank 1 got rank 0's result: from "/" it finds nothing
+    assert "shard folder not found" in out[0][3] and out[1][3].endswith("(reported by rank 0)")
