@@ -70,6 +70,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from pipeline.data import storage
 from pipeline.data.shards import MANIFEST, ShardError, format_dali_index, open_shards, tar_bundles
@@ -301,8 +302,6 @@ def cache_index_path(url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     if scheme in storage.LOCAL_SCHEMES:
         rel = os.path.abspath(storage.local_path(url))
         return root.joinpath("file", *_safe_parts(_strip_suffix(rel))).with_suffix(".idx")
-    from urllib.parse import urlparse
-
     p = urlparse(url)
     parts = _safe_parts(_strip_suffix(p.path))
     parts[-1] += ".idx"
@@ -339,6 +338,13 @@ def _is_shard(url: str) -> bool:
     return url.endswith(SHARD_SUFFIXES)
 
 
+def _shard_base(url: str) -> str:
+    """``url`` without its shard suffix (and query string): where its sidecar files are named from."""
+    if storage.scheme_of(url) in ("http", "https") and "?" in url:
+        url = url.split("?", 1)[0]
+    return _strip_suffix(url)
+
+
 def _has_glob(spec: str) -> bool:
     return bool(re.search(r"[*?]|\[(?!:)", spec))
 
@@ -362,9 +368,12 @@ def _expand(spec: str, policy: RetryPolicy) -> _Expanded:
         urls = list(braceexpand.braceexpand(spec))
         if local:
             urls = [os.path.abspath(storage.local_path(u)) for u in urls]
-            there = [u for u in urls if os.path.isfile(u)]
-            return _Expanded([storage.Entry(u, None) for u in there], missing=[u for u in urls if u not in set(there)])
+            there = {u for u in urls if os.path.isfile(u)}
+            return _Expanded([storage.Entry(u, None) for u in urls if u in there],
+                             missing=[u for u in urls if u not in there])
         return _Expanded([storage.Entry(u, None) for u in urls])
+    if scheme in ("http", "https") and _is_shard(urlparse(spec).path):
+        return _Expanded([storage.Entry(spec, None)])  # one shard (maybe a presigned URL: '?' is no glob here)
     if _has_glob(spec):
         entries = [e for e in storage.glob(spec, policy) if _is_shard(e.url)]
         if local:
@@ -377,7 +386,12 @@ def _expand(spec: str, policy: RetryPolicy) -> _Expanded:
             if os.path.isfile(mpath):
                 return _Expanded(manifest={}, manifest_url=mpath, folder=path)
             listed = storage.list_folder(path, policy)
-            return _Expanded([e for e in listed if _is_shard(e.url)], listed=listed, folder=path)
+            entries = [e for e in listed if _is_shard(e.url)]
+            if not entries:
+                raise ShardError(f"{path} has no {MANIFEST} and no .tar shards: point data.train_shards at a folder "
+                                 f"of WebDataset shards, or write shards with `pipeline shards write ... --output "
+                                 f"{path}`")
+            return _Expanded(entries, listed=listed, folder=path)
         if os.path.isfile(path):
             if path.endswith(".json"):
                 return _Expanded(manifest={}, manifest_url=path)
@@ -461,12 +475,13 @@ def _count_one(url: str, cache_dir: str | None, sidecars: set[str] | None, polic
     """The sample count of one shard from what exists (cache index, _stats.json, .idx beside it)."""
     cached = cache_index_path(url, cache_dir)
     if cached.is_file():
-        n = _idx_header_count(cached.read_bytes()[:64])
+        with open(cached, "rb") as f:
+            n = _idx_header_count(f.read(64))
         if n is not None:
             return _Count(n, str(cached), "cache")
     if storage.scheme_of(url) == "pipe":
         return _Count()
-    base = _strip_suffix(url)
+    base = _shard_base(url)
     beside_idx = base + ".idx"
     have_idx = None
     local = not storage.is_remote(url)

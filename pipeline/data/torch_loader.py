@@ -5,21 +5,24 @@ and the deterministic evaluation pass over labelled shards.
 Within a rank, each DataLoader worker owns one contiguous range of the epoch's stream (``plan``). Its reader
 thread streams the range's shards one after the other (each through one sequential read: one GET per remote
 shard) while the worker decodes, so network and decode overlap; the thread runs up to one shuffle chunk ahead.
-Samples are shuffled in chunks of ``loader.shuffle_buffer`` consecutive samples of the range, each chunk with
-its own seed of ``(run.seed, epoch, chunk position)``. Unlike a running shuffle buffer, a chunk does not depend
-on what came before it, so a resumed run starts reading at the chunk of the resume point (plus the one before,
-see below) instead of re-reading the whole range up to it: exact mid-epoch resume at the cost of two chunks and
+Samples are shuffled in chunks of ``loader.shuffle_buffer`` consecutive samples of the range (rounded down to
+whole batches), each chunk with its own seed of ``(run.seed, epoch, chunk position)``. Unlike a running shuffle
+buffer, a chunk does not depend on what came before it, so a resumed run starts reading at the chunk of the
+resume point instead of re-reading the whole range up to it: exact mid-epoch resume at the cost of one chunk and
 the head of one shard, whatever the source.
 
 Bad data is counted, not fatal. A tar is read with ``ignore_zeros`` so a damaged region (zeroed or garbage
-blocks) is skipped to the next valid header; samples lost to it, or to a tar that ends before its count, are
-kept as placeholders so positions (and with them resume and the equal number of batches on every rank) do not
-move. A placeholder, a sample whose image does not decode or which lacks the image (or, for image-text
-recipes, the caption) is replaced by another sample of the same batch, else of the same chunk, else of the
-previous chunk, rendered with the replaced sample's own augmentation seed; each batch carries how many it
-replaced (``Batch.num_bad``) and the trainer reports and bounds them (``data.max_bad_fraction``). Errors of the
-storage itself (connection refused, timeouts, 5xx) are retried ``data.retries`` times with backoff, re-opening
-the shard where it stopped, then end the run with a :class:`~pipeline.data.storage.StorageError` naming the URL.
+blocks) is skipped to the next valid header (webdataset's own reader takes the first zero block for the end of
+the tar and silently drops the rest of the shard); samples lost to damage, or to a tar that ends before its
+count, are kept as placeholders so positions (and with them resume and the equal number of batches on every
+rank) do not move. A placeholder, a sample whose image does not decode or which lacks the image (or, for
+image-text recipes, the caption) is replaced by another sample of the same batch, else of the same chunk, else
+one of the first good samples of the worker's range, rendered with the replaced sample's own augmentation seed:
+the choice depends only on the data, so a resumed run makes the same. A batch may therefore hold a sample twice
+(a false negative for contrastive losses, at the rate of bad samples). Each batch carries how many it replaced
+(``Batch.num_bad``); the trainer reports and bounds them (``data.max_bad_fraction``). Errors of the storage
+itself (connection refused, timeouts, 5xx) are retried ``data.retries`` times with backoff, re-opening the shard
+where it stopped, then end the run with a :class:`~pipeline.data.storage.StorageError` naming the URL.
 """
 
 from __future__ import annotations
