@@ -47,12 +47,12 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_index(args: argparse.Namespace) -> int:
-    from pipeline.data.sources import _cache_root, index_source
+    from pipeline.data.sources import cache_root, index_source
     from pipeline.data.storage import RetryPolicy
 
     source = index_source(args.source, cache_dir=args.cache, workers=args.workers, refresh=args.refresh,
                           progress=not args.no_progress, policy=RetryPolicy(args.retries))
-    cache = _cache_root(args.cache)
+    cache = cache_root(args.cache)
     for st in source.streams:
         beside = sum(1 for s in st.shards if s.index and not str(s.index).startswith(str(cache)))
         print(f"{st.spec}: {len(st.shards)} shards, {st.num_samples} samples, fields {st.fields or 'unknown'}; "
@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="kNN + linear probe of an exported encoder on labelled shards")
     e.add_argument("model", help="run directory or export folder (model.safetensors + config.json)")
-    e.add_argument("--train-shards", required=True)
-    e.add_argument("--test-shards", required=True)
+    e.add_argument("--train-shards", required=True, help="labelled shards: any data source (folder, pattern, URL)")
+    e.add_argument("--test-shards", required=True, help="labelled shards: any data source (folder, pattern, URL)")
     e.add_argument("--max-train-samples", type=int, default=0)
     e.add_argument("--baselines", action="store_true", help="also random-init encoder and raw pixels")
     e.add_argument("--output", help="write the results JSON here")

@@ -51,7 +51,7 @@ The API other modules build on (the DALI backend, the epoch plan, ``pipeline sha
   ``epoch_samples``, ``fields``, ``image_exts``, ``classes``, ``remote``, ``weighted``.
 - :func:`parse_sources` (no I/O: the specs of a config value), :func:`resolve_source` (one process),
   :func:`resolve_for_job` (rank 0 resolves, all ranks get it), :func:`index_source` (the ``shards index``
-  command), :func:`index_shard`, :func:`cache_index_path`, :func:`default_cache_dir`.
+  command), :func:`index_shard`, :func:`cache_index_path`, :func:`cache_root`, :func:`default_cache_dir`.
 """
 
 from __future__ import annotations
@@ -276,7 +276,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "ssl-pipeline"
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir``, or :func:`default_cache_dir` when it is empty."""
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
@@ -295,7 +296,7 @@ def _strip_suffix(url: str) -> str:
 def cache_index_path(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the DALI index of shard ``url`` goes in the cache: ``index/<scheme>/<bucket|host>/<path>.idx`` (a
     hash for ``pipe:`` commands)."""
-    root = _cache_root(cache_dir) / "index"
+    root = cache_root(cache_dir) / "index"
     scheme = storage.scheme_of(url)
     if scheme == "pipe":
         return root / "pipe" / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".idx")
@@ -310,7 +311,7 @@ def cache_index_path(url: str, cache_dir: str | os.PathLike | None = None) -> Pa
 
 def _source_cache_path(spec: str, cache_dir: str | os.PathLike | None) -> Path:
     key = hashlib.sha256(f"v{CACHE_VERSION}\0{spec}".encode()).hexdigest()[:24]
-    return _cache_root(cache_dir) / "sources" / f"{key}.json"
+    return cache_root(cache_dir) / "sources" / f"{key}.json"
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -623,7 +624,7 @@ def _store_cached(stream: Stream, opts: ResolveOptions) -> None:
     try:
         _write_json_atomic(_source_cache_path(stream.spec, opts.cache_dir), rec)
     except OSError as exc:
-        print(f"note: cannot write the source cache in {_cache_root(opts.cache_dir)} ({exc}); the next start "
+        print(f"note: cannot write the source cache in {cache_root(opts.cache_dir)} ({exc}); the next start "
               f"resolves {stream.spec} again", file=sys.stderr)
 
 
@@ -674,7 +675,7 @@ def _resolve_stream(src: SourceSpec, opts: ResolveOptions) -> Stream:
         if not opts.index_all and (src.remote or n_uncounted > opts.auto_index):
             raise ShardError(
                 f"{n_uncounted} of {len(urls)} shards of {spec} have no sample count (no {MANIFEST}, no "
-                f"NNNNN_stats.json or .idx beside them, nothing in the cache {_cache_root(opts.cache_dir)}). "
+                f"NNNNN_stats.json or .idx beside them, nothing in the cache {cache_root(opts.cache_dir)}). "
                 f"Count them once (reads every shard, copies nothing) with: {_index_command(spec, opts.cache_dir)}")
         if not opts.index_all:
             _warn(f"{n_uncounted} local shards of {spec} have no sample count: scanning their tar headers once "
