@@ -235,6 +235,25 @@ def test_run_started_locally_resumes_on_ray(cluster, tmp_path):
 
 
 @pytest.mark.ray
+def test_expected_error_in_the_workers_is_one_line(cluster, tmp_path):
+    """``checkpoint.resume=true`` on a run that has no checkpoint fails in every worker: ``pipeline launch`` prints
+    the lowest failing rank's message once, with no worker's traceback."""
+    cfg = _cluster_config(cluster, tmp_path, "train.steps=4", "checkpoint.resume=true", "launcher.ray.num_workers=2",
+                          "launcher.ray.max_failures=0")
+    config_path = tmp_path / "driver.yaml"
+    save_config(cfg, config_path)
+    log = tmp_path / "driver.log"
+    code = f"import sys; from pipeline.cli import main; sys.exit(main(['launch', {str(config_path)!r}]))"
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env["PIPELINE_DEBUG"] = ""
+    text = _wait(cluster.popen_python(code, log, cwd=REPO, env=env), log, timeout_s=300)
+    errors = [line for line in text.splitlines() if line.startswith("pipeline launch: error:")]
+    assert len(errors) == 1 and re.search(r"error: rank [01]: checkpoint.resume=true but \S+ has no complete "
+                                          r"checkpoint", errors[0]), text[-6000:]
+    assert "Traceback" not in text.split("Ray cluster nodes:")[1].replace(errors[0], ""), text[-6000:]
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_local_cluster_stays_on_loopback(tmp_path):
     """``launcher.ray.address`` empty: the launcher starts its own single-node cluster, bound to 127.0.0.1."""

@@ -361,4 +361,17 @@ def test_wait_returns_nonzero_when_training_fails(fmnist_shards, slurm_cluster, 
     cfg = tiny_slurm_config(fmnist_shards, run_dir, **{"data.train_shards": str(tmp_path / "no-such-shards")})
     assert launch_slurm(cfg, wait=True) == 1
     out = capsys.readouterr().out
-    assert "failed" in out and "no-such-shards" in out, out  # the rank's traceback reaches the terminal
+    # the first rank's expected error reaches the terminal as one line, not as every rank's traceback
+    failed = [line for line in out.splitlines() if "failed" in line]
+    assert len(failed) == 1 and re.search(r"failed \(state \w+\): rank [01]: shard folder not found: \S*no-such-shards",
+                                          failed[0]), out
+    assert "Traceback" not in out
+
+
+@pytest.mark.slurm
+def test_wait_shows_the_traceback_when_debugging(fmnist_shards, slurm_cluster, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PIPELINE_DEBUG", "1")
+    cfg = tiny_slurm_config(fmnist_shards, tmp_path / "runs" / "broken", **{"data.train_shards": "no-such-shards"})
+    assert launch_slurm(cfg, wait=True) == 1
+    out = capsys.readouterr().out
+    assert "Traceback" in out and "ShardError: shard folder not found" in out, out

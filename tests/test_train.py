@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,26 @@ def test_two_process_run_evaluates_exports_and_logs(fmnist_shards, tmp_path):
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.train.steps == 8 and resolved.data.train_shards == str(fmnist_shards["train"])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    # the export's model card shows the results of evaluating the exported file, and the command that made it
+    card = (run_dir / "export" / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", card, re.MULTILINE))
+
+    def leaves(tree, path):  # whatever nesting evaluate() returns
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from leaves(v, f"{path} / {k}")
+        else:
+            yield path, tree
+
+    for metric in ("linear_probe", "knn"):
+        for path, value in leaves(summary[metric], metric):
+            assert rows[path] == f"{value:.4f}", (path, card)
+    assert "pipeline launch configs/quickstart.yaml" in card and "launcher.nprocs=2" in card
+    assert json.loads((run_dir / "export" / "pipeline.json").read_text())["images_seen"] == 8 * 32 * 2
+    # re-exporting the same checkpoint keeps the results on the card
+    subprocess.run([sys.executable, "-m", "pipeline", "export", str(run_dir), "--output", str(tmp_path / "again")],
+                   cwd=ROOT, env=_env(), check=True, capture_output=True)
+    assert (tmp_path / "again" / "README.md").read_text().split("## Evaluation")[1] == card.split("## Evaluation")[1]
 
 
 def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, tmp_path):
@@ -145,9 +166,7 @@ def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, 
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(fmnist_shards, tmp_path / "run",
                                                                 **{"launcher.nprocs": 1}))
     train(cfg)
-    meta = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
-    model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])
-    model.load_state_dict(load_file(tmp_path / "run" / "export" / "model.safetensors"), strict=True)
+    model = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)  # loads strictly
     model.eval()
 
     method = build_method(cfg)
@@ -158,11 +177,18 @@ def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, 
         assert torch.equal(model(x), method.encoder(x))
         assert torch.equal(load_exported(tmp_path / "run" / "export")(x), model(x))
 
-    # `pipeline export` re-exports from the checkpoint, offline, to the same weights
+    # `pipeline export` re-exports from the checkpoint, offline, to the same files
     subprocess.run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "run"), "--output",
                     str(tmp_path / "again")], cwd=ROOT, env=_env(), check=True, capture_output=True)
     a, b = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "run" / "export" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == \
+        json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    again = json.loads((tmp_path / "again" / "pipeline.json").read_text())
+    trained = json.loads((tmp_path / "run" / "export" / "pipeline.json").read_text())
+    assert again["checkpoint"] == trained["checkpoint"] == str((tmp_path / "run" / "checkpoints" / "step_00000006").resolve())
+    assert again == trained  # steps, images seen, the command: read back from the run
+    assert trained["steps"] == 6 and trained["images_seen"] == 6 * 32
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.methods.base import Method
 from pipeline.methods.byol import BYOL
 from pipeline.methods.clip import CLIP
@@ -29,7 +29,7 @@ METHODS: dict[str, type[Method]] = {
 
 def build_method(cfg: Config) -> Method:
     if cfg.method.name not in METHODS:
-        raise KeyError(f"unknown method.name {cfg.method.name!r}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method.name {cfg.method.name!r}; known: {', '.join(METHODS)}")
     method = METHODS[cfg.method.name](cfg)
     # Global batch statistics in the heads (what the papers' SyncBatchNorm gives); identical in one process.
     return sync_batchnorm(method, global_stats=cfg.method.sync_bn)
