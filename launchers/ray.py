@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_from_dict, config_to_dict, load_config
-from pipeline.errors import LaunchError, RankError, user_message
+from pipeline.errors import LaunchError, RankError, debug_requested, exit_code, user_message
 
 try:  # Ray is an optional dependency: the module must import without it (dry runs, the launcher registry).
     from ray.train.v2.api.callback import UserCallback
@@ -86,7 +86,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from pipeline.trainer import train
 
     export_dist_env()
-    return train(config_from_dict(config), report=report_to_ray)
+    try:
+        return train(config_from_dict(config), report=report_to_ray)
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None or debug_requested():
+            raise
+        # Expected (bad data, no checkpoint, ...): Ray logs what a worker raises, with its traceback, in the worker,
+        # the controller and the driver; raise only the message, which the driver then reports once.
+        raise RankError(message, exit_code(exc)) from None
 
 
 class MetricsLog(UserCallback):
@@ -249,9 +257,9 @@ def launch_ray(cfg: Config, *, dry_run: bool = False) -> int:
 def _first_expected_worker_error(exc: Exception) -> RankError | None:
     """The expected error (see :mod:`pipeline.errors`) of the lowest worker rank that failed with one, if any."""
     for rank, failure in sorted(getattr(exc, "worker_failures", {}).items()):
-        message = user_message(getattr(failure, "cause", None) or failure)
+        message = user_message(failure)  # Ray hands back what the worker raised (a RankError, see above)
         if message is not None:
-            return RankError(f"rank {rank}: {message}")
+            return RankError(f"rank {rank}: {message}", exit_code(failure))
     return None
 
 

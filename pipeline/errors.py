@@ -1,7 +1,7 @@
 """Failures a user can act on, told from bugs, and how they reach the terminal: one line, no traceback.
 
 Expected failures are a bad config key or value, missing or bad data, a run directory or checkpoint that is not
-what the command needs, an unreachable launcher, an optional package that is not installed, a diverging run. The
+what the command needs, a path the user may not write, an unreachable launcher, an optional package that is not installed, a diverging run. The
 CLI (``pipeline.cli.main``) prints them as one line on stderr and exits non-zero; every other exception is a bug
 and keeps its traceback. ``PIPELINE_DEBUG=1`` (or ``pipeline --traceback``) shows the traceback of expected ones
 too, in every rank.
@@ -29,6 +29,7 @@ EXPECTED = frozenset({
     "pipeline.errors.RankError",
     "builtins.FileNotFoundError",
     "builtins.FileExistsError",
+    "builtins.PermissionError",
 })
 """Expected error types (and their subclasses), by name: checking one imports none of the modules defining them."""
 
@@ -53,6 +54,9 @@ class RankError(RuntimeError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+    def __reduce__(self):  # Ray pickles it from a worker to the driver
+        return type(self), (str(self), self.exit_code)
 
 
 def debug_requested() -> bool:
@@ -102,7 +106,7 @@ def record_rank_error(folder: str | Path, rank: int, exc: BaseException) -> bool
         return False
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"rank": rank, "time": time.time(), "message": message, "exit_code": exit_code(exc)}
+    record = {"rank": rank, "time_ns": time.time_ns(), "message": message, "exit_code": exit_code(exc)}
     tmp = folder / f".rank{rank}.error.json.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, folder / f"rank{rank}.error.json")
@@ -119,5 +123,5 @@ def first_rank_error(folder: str | Path) -> RankError | None:
             continue
     if not records:
         return None
-    first = min(records, key=lambda r: (r["time"], r["rank"]))
+    first = min(records, key=lambda r: (r["time_ns"], r["rank"]))
     return RankError(f"rank {first['rank']}: {first['message']}", first["exit_code"])

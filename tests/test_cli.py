@@ -180,3 +180,34 @@ def test_an_error_in_every_rank_is_reported_once(workspace):
                     "run.name=two", *TINY, cwd=workspace)
     line = assert_one_line_error(proc, 1, "pipeline launch: error: rank ", "shard folder not found: nope")
     assert re.search(r"error: rank [01]: shard", line)
+
+
+def test_expected_errors_are_told_from_bugs_by_type(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.data.shards import ShardError
+    from pipeline.errors import exit_code, first_rank_error, record_rank_error, user_message
+
+    assert user_message(ConfigError("unknown config key 'x'")) == "unknown config key 'x'" and \
+        exit_code(ConfigError("x")) == 2
+    assert user_message(ShardError("shard folder not found: a\n  (b)")) == "shard folder not found: a (b)"
+    assert user_message(FileExistsError("runs/x already has checkpoints")) and exit_code(ShardError("x")) == 1
+    missing = ModuleNotFoundError("No module named 'deepspeed'", name="deepspeed")
+    assert user_message(missing).endswith("pip install deepspeed")
+    try:  # our own message naming the pip command, raised from the missing module
+        try:
+            raise ModuleNotFoundError("No module named 'nvidia.dali'", name="nvidia.dali")
+        except ImportError as exc:
+            raise ImportError("loader.backend=dali needs NVIDIA DALI: pip install -e '.[dali]'") from exc
+    except ImportError as exc:
+        assert user_message(exc) == "loader.backend=dali needs NVIDIA DALI: pip install -e '.[dali]'"
+    # bugs: a required module missing, anything not named as expected
+    assert user_message(ModuleNotFoundError("No module named 'torchh'", name="torchh")) is None
+    assert user_message(KeyError("step")) is None and user_message(RuntimeError("boom")) is None
+
+    # ranks in other processes: the earliest recorded expected error is the one reported
+    assert not record_rank_error(tmp_path, 0, RuntimeError("a bug: left to print its traceback"))
+    assert first_rank_error(tmp_path) is None
+    assert record_rank_error(tmp_path, 1, ShardError("rank 1 worker 0: ran out of samples"))
+    assert record_rank_error(tmp_path, 0, ConfigError("later"))
+    first = first_rank_error(tmp_path)
+    assert str(first) == "rank 1: rank 1 worker 0: ran out of samples" and exit_code(first) == 1
