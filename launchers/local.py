@@ -3,10 +3,15 @@ MASTER_ADDR/PORT set by torch's elastic agent), each running ``pipeline.trainer.
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import sys
+import tempfile
 import uuid
 
 from pipeline.config import Config, config_from_dict, config_to_dict
+from pipeline.errors import debug_requested, first_rank_error, record_rank_error
 
 
 def free_port() -> int:
@@ -15,10 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(cfg_dict: dict) -> None:
+def _worker(cfg_dict: dict, error_dir: str) -> None:
     from pipeline.trainer import train
 
-    train(config_from_dict(cfg_dict))
+    try:
+        train(config_from_dict(cfg_dict))
+    except Exception as exc:
+        # an expected error (bad data, no checkpoint, ...) is reported once, by the launcher: exit without a
+        # traceback here, which every rank would otherwise print
+        if record_rank_error(error_dir, int(os.environ.get("RANK", "0")), exc) and not debug_requested():
+            sys.exit(1)
+        raise
 
 
 def launch_local(cfg: Config, *, dry_run: bool = False, wait: bool = True) -> int:
@@ -31,6 +43,7 @@ def launch_local(cfg: Config, *, dry_run: bool = False, wait: bool = True) -> in
 
         train(cfg)
         return 0
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     port = free_port()
@@ -39,5 +52,21 @@ def launch_local(cfg: Config, *, dry_run: bool = False, wait: bool = True) -> in
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0, monitor_interval=0.5,
         start_method="spawn",
     )
-    elastic_launch(launch, _worker)(config_to_dict(cfg))
+    with tempfile.TemporaryDirectory(prefix="pipeline-rank-errors-") as error_dir:
+        # torch's per-rank failure report and "terminating process" notes repeat what we say once
+        loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+        levels = [log.level for log in loggers]
+        if not debug_requested():
+            for log in loggers:
+                log.setLevel(logging.CRITICAL)
+        try:
+            elastic_launch(launch, _worker)(config_to_dict(cfg), error_dir)
+        except ChildFailedError:
+            first = first_rank_error(error_dir)
+            if first is None:
+                raise
+            raise first from None
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
     return 0

@@ -18,15 +18,18 @@ detach, submit the command as a Ray Job (``ray job submit``, see docs/cluster.md
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_from_dict, config_to_dict, load_config
+from pipeline.errors import LaunchError, RankError, debug_requested, exit_code, user_message
 
 try:  # Ray is an optional dependency: the module must import without it (dry runs, the launcher registry).
     from ray.train.v2.api.callback import UserCallback
@@ -83,7 +86,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from pipeline.trainer import train
 
     export_dist_env()
-    return train(config_from_dict(config), report=report_to_ray)
+    try:
+        return train(config_from_dict(config), report=report_to_ray)
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None or debug_requested():
+            raise
+        # Expected (bad data, no checkpoint, ...): Ray logs what a worker raises, with its traceback, in the worker,
+        # the controller and the driver; raise only the message, which the driver then reports once.
+        raise RankError(message, exit_code(exc)) from None
 
 
 class MetricsLog(UserCallback):
@@ -110,12 +121,42 @@ class MetricsLog(UserCallback):
                       "errors": {rank: repr(exc)[:500] for rank, exc in worker_exceptions.items()}})
 
 
+def check_ray_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise :class:`LaunchError` unless ``host:port`` (or ``ray://host:port``) accepts a TCP connection: an
+    unreachable address would otherwise have ``ray.init`` retry for minutes. ``auto`` and other forms are left to
+    Ray."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    hosts = [host]
+    if host in ("127.0.0.1", "localhost"):  # Ray itself connects to this machine's routable address instead
+        from ray.util import get_node_ip_address
+
+        with contextlib.suppress(Exception):  # no routable address: loopback is all there is to try
+            hosts.append(get_node_ip_address())
+    errors = []
+    for h in hosts:
+        try:
+            socket.create_connection((h, int(port)), timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            errors.append(f"{h}:{port}: {exc.strerror or exc}")
+    raise LaunchError(f"cannot reach the Ray cluster at launcher.ray.address={address} ({'; '.join(errors)}); "
+                      f"start it with `ray start --head`, or leave launcher.ray.address empty for a local cluster")
+
+
 def _init_ray(cfg: Config) -> None:
     import ray
 
     ray_cfg = cfg.launcher.ray
     if ray_cfg.address:
-        ray.init(address=ray_cfg.address, log_to_driver=True)
+        check_ray_reachable(ray_cfg.address)
+        try:
+            ray.init(address=ray_cfg.address, log_to_driver=True)
+        except ConnectionError as exc:
+            raise LaunchError(f"cannot connect to the Ray cluster at launcher.ray.address={ray_cfg.address}: "
+                              f"{exc}") from exc
         return
     # Starting our own single-machine cluster. Ray would otherwise bind it to (and advertise) the machine's routable
     # address even when asked for 127.0.0.1; with this switch off every Ray process stays on loopback.
@@ -201,6 +242,9 @@ def launch_ray(cfg: Config, *, dry_run: bool = False) -> int:
         try:
             result = build_trainer(cfg).fit()
         except TrainingFailedError as exc:
+            first = _first_expected_worker_error(exc)
+            if first is not None:
+                raise first from None  # bad data, no checkpoint, ...: one line, not every worker's traceback
             print(f"Ray Train run failed: {exc}", file=sys.stderr, flush=True)
             return 1
         print(f"Ray Train run finished in {time.perf_counter() - started:.1f}s; last metrics: {result.metrics}; "
@@ -208,6 +252,15 @@ def launch_ray(cfg: Config, *, dry_run: bool = False) -> int:
         return 0
     finally:
         ray.shutdown()
+
+
+def _first_expected_worker_error(exc: Exception) -> RankError | None:
+    """The expected error (see :mod:`pipeline.errors`) of the lowest worker rank that failed with one, if any."""
+    for rank, failure in sorted(getattr(exc, "worker_failures", {}).items()):
+        message = user_message(failure)  # Ray hands back what the worker raised (a RankError, see above)
+        if message is not None:
+            return RankError(f"rank {rank}: {message}", exit_code(failure))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import submitit
 from submitit.slurm.slurm import SlurmExecutor
 
 from pipeline.config import Config, config_from_dict, config_to_dict
+from pipeline.errors import LaunchError, debug_requested, first_rank_error, record_rank_error
 from pipeline.rundir import owner_writes_only
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +64,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = config_from_dict(self.config)
         try:
             summary = train(cfg, stop=signals.stop_requested)
-        except Exception:
+        except Exception as exc:
             if not signals.terminated:
+                # an expected error (bad data, no checkpoint, ...) is also recorded as one line, which
+                # `follow_job` (`pipeline launch --wait`) reports instead of every rank's traceback
+                record_rank_error(submitit.JobEnvironment().paths.folder, dist_env.rank, exc)
                 raise
             # Slurm is taking the job down (requeue, preemption, time limit, scancel): the error is the fallout
             # (a DataLoader worker killed by SIGTERM, a peer rank gone), not a training failure. Exit without
@@ -251,13 +257,33 @@ def _job_config(cfg: Config) -> dict[str, Any]:
     return data
 
 
+def check_slurm_reachable() -> None:
+    """Raise :class:`LaunchError` unless this machine can submit: ``sbatch`` on PATH, the controller answering."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        raise LaunchError("Slurm's sbatch/scontrol are not on PATH: submit from a Slurm login node (or use "
+                          "launcher.name=local or ray)")
+    try:
+        proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        raise LaunchError("the Slurm controller did not answer `scontrol ping` within 60 s") from None
+    if not re.search(r"\(primary\) .*is UP", proc.stdout):
+        said = (proc.stdout.strip().splitlines()[:1] or proc.stderr.strip().splitlines()[-1:] or ["no answer"])[0]
+        raise LaunchError(f"cannot reach the Slurm controller (`scontrol ping`: {said}); check that slurmctld is "
+                          f"up and that SLURM_CONF ({os.environ.get('SLURM_CONF', 'not set')}) names this cluster")
+
+
 def submit_slurm(cfg: Config) -> submitit.Job:
     """Submit ``cfg`` as one Slurm job running :class:`TrainJob` on every task; returns submitit's handle.
 
     submitit's folder holds the job's pickle, which every (re)start of the job unpickles and runs: it is created
     writable by its owner only, and so is everything the job writes (sbatch hands our umask to the job)."""
-    with owner_writes_only():
-        return make_executor(cfg).submit(TrainJob(_job_config(cfg)))
+    check_slurm_reachable()
+    try:
+        with owner_writes_only():
+            return make_executor(cfg).submit(TrainJob(_job_config(cfg)))
+    except submitit.core.utils.FailedJobError as exc:  # sbatch refused it: bad partition, account, limits ...
+        said = [line for line in str(exc).splitlines() if "error" in line.lower()] or str(exc).splitlines()[-1:]
+        raise LaunchError(f"sbatch refused the job: {said[-1].strip() if said else exc}") from exc
 
 
 def launch_slurm(cfg: Config, *, dry_run: bool = False, wait: bool = False) -> int:
@@ -384,6 +410,12 @@ def follow_job(job: submitit.Job, poll_s: float = 2.0, out: TextIO | None = None
     if not failed:
         out.write(f"[slurm] job {job.job_id} finished: all {len(tasks)} task(s) succeeded\n")
         return 0
+    expected = first_rank_error(tasks[0].paths.folder)
+    if expected is not None and not debug_requested():
+        # bad data, no checkpoint, ...: one line (the tracebacks are in the ranks' .err logs)
+        out.write(f"[slurm] job {job.job_id} failed (state {state or 'unknown'}): {expected}\n")
+        out.flush()
+        return 1
     out.write(f"[slurm] job {job.job_id} failed (state {state or 'unknown'}) on task(s) {failed}\n")
     first = outcomes[failed[0]]
     if first and first[0] == "error":

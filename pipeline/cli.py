@@ -1,13 +1,21 @@
-"""``pipeline``: shards write | shards index | train | launch | eval | export (| bench)."""
+"""``pipeline``: shards write | shards index | train | launch | eval | export (| bench).
+
+Expected failures (bad config, missing or bad data, no checkpoint, unreachable launcher, missing optional package)
+print one line on stderr and exit non-zero; ``PIPELINE_DEBUG=1`` or ``pipeline --traceback ...`` shows the
+traceback. See :mod:`pipeline.errors`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import Config, load_config
+from pipeline.errors import DEBUG_ENV, debug_requested, exit_code, user_message
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +39,7 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
         items, total = S.caption_items(args.input)
     if args.captions is not None:
         if args.format == "captions" or not classes or (args.format == "idx" and not args.labels):
-            raise SystemExit("pipeline shards write: --captions needs labels with class names: --format idx with "
+            raise SystemExit("pipeline shards write: error: --captions needs labels with class names: --format idx with "
                              "--labels and --classes, or --format folder with class sub-folders")
         from pipeline.config import FMNIST_TEMPLATES
 
@@ -62,10 +70,17 @@ def cmd_shards_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.run.command:  # recorded in config.yaml and in the export's model card
+        cfg.run.command = shlex.join(["pipeline", *args.argv])
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)  # before importing torch: a config mistake is reported at once
     from pipeline.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     if summary.get("export"):
         print(json.dumps(summary, indent=1))
@@ -73,9 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
     from launchers import launch
 
-    cfg = load_config(args.config, args.overrides)
     code = launch(cfg, dry_run=args.dry_run, wait=args.wait)
     if cfg.launcher.name == "local" and not args.dry_run:
         print_summary(cfg.run.dir / "summary.json")
@@ -99,7 +114,8 @@ def print_summary(path: Path) -> None:
               f"{s['world_size']} processes)")
     print(f"final loss   {s.get('final_loss', float('nan')):.4f} after {s['steps']} steps")
     print(f"checkpoint   {s.get('checkpoint')}")
-    print(f"export       {s.get('export')}  (loads into timm, see config.json there)")
+    if s.get("export"):
+        print(f"export       {s['export']}  (timm.create_model('local-dir:{s['export']}', pretrained=True))")
     print(f"summary      {path}")
 
 
@@ -109,14 +125,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.config import config_from_dict
     from pipeline.distributed import DistEnv
     from pipeline.evaluation import evaluate
-    from pipeline.export import load_exported, model_config_of
+    from pipeline.export import WEIGHTS, load_exported, model_config_of, read_export_meta
 
     src = Path(args.model)
-    export_dir = src / "export" if (src / "export" / "model.safetensors").exists() else src
+    export_dir = src / "export" if (src / "export" / WEIGHTS).exists() else src
+    meta = read_export_meta(export_dir)
     encoder = load_exported(export_dir)
     cfg = config_from_dict({})
     cfg.model = model_config_of(export_dir)
-    meta = json.loads((export_dir / "config.json").read_text())
     cfg.augment.image_size = meta["image_size"]
     cfg.augment.mean, cfg.augment.std = tuple(meta["mean"]), tuple(meta["std"])
     cfg.data.eval_train_shards, cfg.data.eval_test_shards = args.train_shards, args.test_shards
@@ -129,27 +145,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): pass the folder a training "
+                                f"run wrote, e.g. runs/<run.name>")
+    cfg = load_config(run_dir / "config.yaml")
     from pipeline.checkpoint import CheckpointManager
-    from pipeline.config import load_config as _load
     from pipeline.distributed import DistEnv
     from pipeline.engines import engine_class
     from pipeline.export import export_encoder
     from pipeline.methods import build_method
 
-    run_dir = Path(args.run_dir)
-    cfg = _load(run_dir / "config.yaml")
     ckpt = Path(args.checkpoint) if args.checkpoint else CheckpointManager(run_dir, DistEnv()).latest()
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints has no complete checkpoint to export")
+    if not (ckpt / "trainer.json").is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no trainer.json)")
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    step, world = int(trainer["step"]), int(trainer.get("world_size", 1))
+    extra = {"steps": step, "world_size": world, "checkpoint": str(ckpt.resolve()),
+             "images_seen": step * cfg.loader.batch_size * cfg.optim.accumulation_steps * world}
     method = build_method(cfg)
     state = engine_class(cfg.engine.name).read_model_state(ckpt, method)
-    out = export_encoder(state, cfg, args.output or run_dir / "export", extra={"checkpoint": str(ckpt)})
-    print(f"exported the encoder of {ckpt} to {out}")
+    out = export_encoder(state, cfg, args.output or run_dir / "export", extra=extra,
+                         results=_earlier_results(run_dir / "export", ckpt))
+    print(f"exported the encoder of {ckpt} to {out.parent} "
+          f"(timm.create_model('local-dir:{out.parent}', pretrained=True))")
     return 0
 
 
+def _earlier_results(export_dir: Path, ckpt: Path) -> dict | None:
+    """Evaluation results the run's own export recorded, if they were measured on this checkpoint's weights (the
+    trainer evaluates its export at the end): a re-export keeps them on its model card."""
+    from pipeline.export import ExportError, read_export_meta
+
+    try:
+        meta = read_export_meta(export_dir)
+    except ExportError:
+        return None
+    same = meta.get("checkpoint") and Path(meta["checkpoint"]).resolve() == ckpt.resolve()
+    return meta.get("results") if same else None
+
+
+def _color(value: str) -> str:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a colour: {value!r} (e.g. white, black, '#ffffff')") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true",
+                        help=f"show the traceback of expected errors too (same as {DEBUG_ENV}=1), in every rank")
     sub = parser.add_subparsers(dest="command", required=True)
 
     shards = sub.add_parser("shards", help="write WebDataset shards").add_subparsers(dest="shards_cmd", required=True)
@@ -169,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-shard-mb", type=float, default=0, help="also close a shard past this size (0: off)")
     w.add_argument("--image-format", choices=["png", "jpg"], default=None,
                    help="re-encode images (default: keep the source bytes; arrays become png)")
-    w.add_argument("--background", metavar="COLOR",
+    w.add_argument("--background", metavar="COLOR", type=_color,
                    help="composite images with transparency onto this colour (e.g. white) and store them without "
                         "alpha (png unless --image-format); the loaders drop alpha, so transparent pixels would "
                         "show whatever colour they store")
@@ -205,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.set_defaults(fn=cmd_launch)
 
     e = sub.add_parser("eval", help="kNN + linear probe of an exported encoder on labelled shards")
-    e.add_argument("model", help="run directory or export folder (model.safetensors + config.json)")
+    e.add_argument("model", help="run directory or export folder (written by `pipeline export`)")
     e.add_argument("--train-shards", required=True, help="labelled shards: any data source (folder, pattern, URL)")
     e.add_argument("--test-shards", required=True, help="labelled shards: any data source (folder, pattern, URL)")
     e.add_argument("--max-train-samples", type=int, default=0)
@@ -213,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="write the results JSON here")
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="checkpoint -> model.safetensors + config.json (timm keys)")
+    x = sub.add_parser("export", help="checkpoint -> a folder timm loads: timm.create_model('local-dir:FOLDER', "
+                                      "pretrained=True) (config.json, model.safetensors, README.md model card)")
     x.add_argument("run_dir")
     x.add_argument("--checkpoint", help="checkpoint folder (default: latest)")
     x.add_argument("--output", help="output folder (default: RUN_DIR/export)")
@@ -222,14 +275,32 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    _name_leaf_commands(parser)
     return parser
 
 
+def _name_leaf_commands(parser: argparse.ArgumentParser) -> None:
+    """Give every runnable (sub)command its full name (``pipeline shards write``) for error messages."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.set_defaults(command_name=child.prog)
+                _name_leaf_commands(child)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.traceback:
+        os.environ[DEBUG_ENV] = "1"  # ranks started in other processes inherit it
     try:
         return args.fn(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        # The one place expected errors become a line on stderr (every subcommand, present and future, goes
+        # through here); anything else is a bug and keeps its traceback.
+        message = user_message(exc)
+        if message is None or debug_requested():
+            raise
+        print(f"{getattr(args, 'command_name', 'pipeline')}: error: {message}", file=sys.stderr)
+        return exit_code(exc)

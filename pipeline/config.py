@@ -36,6 +36,9 @@ class RunConfig:
     """Parent folder of run directories."""
     seed: int = 0
     """Seed for model init, data order and augmentation (each combined with rank/epoch/sample as needed)."""
+    command: str = ""
+    """The command line that started the run (filled in by ``pipeline train``/``launch`` when empty); the export's
+    model card shows it."""
 
     @property
     def dir(self) -> Path:
@@ -668,7 +671,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         section = next((f for f in dataclasses.fields(Config) if f.name == key), None)
         if section is not None and "name" in _field_names(section.default_factory):
             key += ".name"  # `method=byol` is short for `method.name=byol`
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -693,7 +700,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded

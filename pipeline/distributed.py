@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipeline.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -86,7 +88,7 @@ def pick_device(env: DistEnv, requested: str = "auto") -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {requested!r} requested but CUDA is not available on this machine")
+        raise ConfigError(f"loader.device={requested!r} but CUDA is not available on this machine")
     torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
 

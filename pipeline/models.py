@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.losses.gather import all_reduce_sum, world
 
 
@@ -17,7 +17,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     try:
         model = timm.create_model(cfg.name, pretrained=False, **cfg.timm_kwargs())
     except RuntimeError as exc:
-        raise ValueError(f"model.name={cfg.name!r}: {exc}") from exc
+        raise ConfigError(f"model.name={cfg.name!r}: {exc}") from exc
     return model
 
 

@@ -32,7 +32,7 @@ from pipeline.distributed import (
     read_dist_env,
 )
 from pipeline.engines import build_engine
-from pipeline.export import export_encoder, load_exported
+from pipeline.export import export_encoder, load_exported, write_card
 from pipeline.methods import build_method
 from pipeline.rundir import owner_writes_only, write_atomic
 
@@ -178,7 +178,10 @@ class Trainer:
         state = engine.method_state_dict()
         export_dir = self.run_dir / "export"
         if env.is_main:
-            export_encoder(state, cfg, export_dir, extra={"steps": step})
+            images_seen = step * cfg.loader.batch_size * cfg.optim.accumulation_steps * env.world_size
+            export_encoder(state, cfg, export_dir, extra={"steps": step, "images_seen": images_seen,
+                                                          "world_size": env.world_size,
+                                                          "checkpoint": str(self.ckpt.latest())})
             summary["export"] = str(export_dir)
         del state
         barrier()
@@ -187,17 +190,17 @@ class Trainer:
 
             print0("evaluating frozen features (kNN, linear probe) ...")
             encoder = load_exported(export_dir).to(device)  # every rank scores the exported file itself
-            results = evaluate(cfg, encoder, env, device)
-            if results:
-                summary.update(results)
+            results = evaluate(cfg, encoder, env, device) or {}
             if hasattr(method, "zero_shot_classifier"):  # image-text methods: prompt the text tower too
                 from pipeline.evaluation import zero_shot_accuracy
 
                 was_training = method.training
                 zero_shot = zero_shot_accuracy(cfg, method.eval(), cfg.data.eval_test_shards, env, device)
                 method.train(was_training)
-                if env.is_main:
-                    summary["zero_shot"] = zero_shot
+                results["zero_shot"] = zero_shot
+            if env.is_main:
+                summary.update(results)
+                write_card(export_dir, results)  # the export's model card shows what it scored
         if env.is_main:
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         barrier()

@@ -107,6 +107,9 @@ class SlurmCluster:
             "InactiveLimit=0",
             "MinJobAge=600",
             "JobRequeue=1",
+            # submitit derives torch's MASTER_PORT from the job id: clusters of concurrent test runs on one machine
+            # would all start at job 1 and collide on that port (EADDRINUSE), so each starts at its own number
+            f"FirstJobId={ctld_port}",
             f"StateSaveLocation={self.root / 'state'}",
             f"SlurmdSpoolDir={self.root / 'spool' / '%n'}",
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",

@@ -149,40 +149,55 @@ def test_two_workers_on_two_nodes_complete(cluster, tmp_path):
     _assert_loopback_only(cluster, text)
 
 
+def _train_worker_on(node) -> int:
+    """The one Ray Train worker process on ``node`` (a Ray actor; found among that node's processes only)."""
+    victims = [pid for pid in node.alive_pids() if "RayTrainWorker" in cmdline(pid)]
+    assert len(victims) == 1, [(p, cmdline(p)[:60]) for p in node.alive_pids()]
+    return victims[0]
+
+
 @pytest.mark.ray
 def test_killed_worker_restarts_from_latest_checkpoint(cluster, tmp_path):
-    steps = 24
-    cfg = _cluster_config(cluster, tmp_path, f"train.steps={steps}", "metrics.log_every=2", "checkpoint.every_steps=4",
+    """SIGKILL the worker on the second node after the first checkpoint: Ray restarts the group, which resumes from
+    that checkpoint and trains on. The run has a million steps, so neither kill can come after its end however fast
+    the machine is; a second kill ends it, past ``max_failures=1``, as a failed run."""
+    cfg = _cluster_config(cluster, tmp_path, "train.steps=1000000", "metrics.log_every=2", "checkpoint.every_steps=4",
                   "launcher.ray.num_workers=2", "launcher.ray.max_failures=1")
     proc, log = _start_driver(cluster, cfg, tmp_path)
     latest = Path(cfg.run.dir) / "checkpoints" / "latest"
-    deadline = time.monotonic() + 180
-    while not latest.exists():
-        assert proc.poll() is None, f"driver exited before the first checkpoint:\n{log.read_text()[-6000:]}"
-        assert time.monotonic() < deadline, f"no checkpoint after 180s:\n{log.read_text()[-6000:]}"
-        time.sleep(0.2)
-    # The newest step any complete checkpoint can hold when we kill: everything reported so far.
-    reported_before_kill = _reported_steps(_ray_events(cfg)) if (Path(cfg.run.dir) / "ray" / "metrics.jsonl").exists() \
-        else []
+    events_log = Path(cfg.run.dir).resolve() / "ray" / "metrics.jsonl"
 
-    # Kill the training worker on the second node (a Ray actor process; found among that node's processes only).
-    worker_node = cluster.nodes[1]
-    victims = [pid for pid in worker_node.alive_pids() if "RayTrainWorker" in cmdline(pid)]
-    assert len(victims) == 1, [(p, cmdline(p)[:60]) for p in worker_node.alive_pids()]
-    os.kill(victims[0], signal.SIGKILL)
+    def wait_for(what: str, done) -> None:
+        deadline = time.monotonic() + 300  # a ceiling for a broken run only
+        while not done():
+            assert proc.poll() is None, f"driver exited before {what}:\n{log.read_text()[-6000:]}"
+            assert time.monotonic() < deadline, f"no {what} after 300s:\n{log.read_text()[-6000:]}"
+            time.sleep(0.2)
+
+    wait_for("the first checkpoint", latest.exists)
+    # The newest step any complete checkpoint can hold when we kill: everything reported so far.
+    reported_before_kill = _reported_steps(_ray_events(cfg)) if events_log.exists() else []
+    os.kill(_train_worker_on(cluster.nodes[1]), signal.SIGKILL)
+
+    def reported_after_failure() -> bool:
+        events = _ray_events(cfg)
+        failed = [i for i, e in enumerate(events) if e["event"] == "worker_failure"]
+        return bool(failed and _reported_steps(events[failed[0] + 1:]))
+
+    wait_for("a report from the restarted workers", reported_after_failure)
+    os.kill(_train_worker_on(cluster.nodes[1]), signal.SIGKILL)  # past max_failures: the run fails and ends
 
     text = _wait(proc, log, timeout_s=300)
-    assert proc.returncode == 0, text[-6000:]
+    assert proc.returncode == 1 and "Ray Train run failed" in text, text[-6000:]
     events = _ray_events(cfg)
     failures = [i for i, e in enumerate(events) if e["event"] == "worker_failure"]
-    assert len(failures) == 1, events
+    assert len(failures) == 2, events
     before = _reported_steps(events[: failures[0]])
-    after = _reported_steps(events[failures[0] + 1 :])
-    assert after and after[-1] == steps, events
+    after = _reported_steps(events[failures[0] + 1 : failures[1]])
     # Resumed, not restarted: a checkpoint existed at the kill, so the first step reported after the failure lies
     # past it (a fresh start would report step log_every first), and it is the first log step after a checkpoint
     # boundary. Reports in flight when the worker died may never reach the controller, so `before` can stop short.
-    assert after[0] > cfg.checkpoint.every_steps, (before, after)
+    assert after and after[0] > cfg.checkpoint.every_steps, (before, after)
     assert (after[0] - cfg.metrics.log_every) % cfg.checkpoint.every_steps == 0, (before, after)
     assert after == sorted(set(after)), after
     assert not reported_before_kill or before[: len(reported_before_kill)] == reported_before_kill
@@ -217,6 +232,28 @@ def test_run_started_locally_resumes_on_ray(cluster, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps and summary["world_size"] == 2
     assert (run_dir / "checkpoints" / "latest").resolve().name == f"step_{steps:08d}"
+
+
+@pytest.mark.ray
+def test_expected_error_in_the_workers_is_one_line(cluster, tmp_path):
+    """``checkpoint.resume=true`` on a run that has no checkpoint fails in every worker: ``pipeline launch`` ends with
+    the lowest failing rank's message as one line, and what Ray itself logs of the failure is that message, not a
+    traceback through our code."""
+    cfg = _cluster_config(cluster, tmp_path, "train.steps=4", "checkpoint.resume=true", "launcher.ray.num_workers=2",
+                          "launcher.ray.max_failures=0")
+    config_path = tmp_path / "driver.yaml"
+    save_config(cfg, config_path)
+    log = tmp_path / "driver.log"
+    code = f"import sys; from pipeline.cli import main; sys.exit(main(['launch', {str(config_path)!r}]))"
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env["PIPELINE_DEBUG"] = ""
+    text = _wait(cluster.popen_python(code, log, cwd=REPO, env=env), log, timeout_s=300)
+    errors = [line for line in text.splitlines() if line.startswith("pipeline launch: error:")]
+    assert len(errors) == 1 and re.search(r"error: rank [01]: checkpoint.resume=true but \S+ has no complete "
+                                          r"checkpoint", errors[0]), text[-6000:]
+    assert errors[0] == text.strip().splitlines()[-1], text[-6000:]
+    # Ray logs what a worker raised (worker, controller, driver): only the message, not our code's traceback
+    assert "trainer.py" not in text and "_resume_point" not in text, text[-6000:]
 
 
 @pytest.mark.ray

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,46 +49,62 @@ def _last_lines_per_step(run_dir: Path) -> dict[tuple[int, int, int], list[str]]
     return out
 
 
+def _checkpoint_step(latest: Path) -> int:
+    return int(latest.resolve().name.split("_")[1])
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(fmnist_shards, tmp_path, backend):
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(fmnist_shards, tmp_path, backend):
+    """SIGKILL 2 processes once a checkpoint of step >= 10 exists, resume, stop both this run and an uninterrupted
+    one at the same later step (``train.stop_at_step``): same weights, same samples in the same order.
+
+    The schedule spans a million steps, so the kill always lands mid-run however fast the machine is, and the
+    step both runs stop at is chosen after the kill (at least 8 steps past it, and past the first epoch)."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    common = {"train.steps": 40, "checkpoint.every_steps": 5, "metrics.log_every": 5, "metrics.sample_keys": True,
-              "launcher.nprocs": 2, "loader.backend": backend}
+    steps_per_epoch = 2048 // (32 * 2)
+    common = {"train.steps": 1_000_000, "checkpoint.every_steps": 5, "metrics.log_every": 5,
+              "metrics.sample_keys": True, "launcher.nprocs": 2, "loader.backend": backend}
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
-    _run(tiny_overrides(fmnist_shards, ref_dir, **common))
 
-    # Start the same run, SIGKILL the whole process group once step 10 is checkpointed (mid-epoch: 32 steps).
     proc = subprocess.Popen(_launch_cmd(tiny_overrides(fmnist_shards, run_dir, **common)), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and int(latest.resolve().name.split("_")[1]) >= 10:
-            break
+    deadline = time.monotonic() + 600  # a ceiling for a broken run only
+    while not (latest.exists() and _checkpoint_step(latest) >= 10):
+        assert proc.poll() is None, f"the run exited with {proc.returncode} before its step-10 checkpoint"
+        assert time.monotonic() < deadline, "no step-10 checkpoint in 10 minutes"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = int(latest.resolve().name.split("_")[1])
-    assert 10 <= killed_at < 40, f"the run was not killed mid-way (latest: {killed_at})"
+    killed_at = _checkpoint_step(latest)
     assert not (run_dir / "summary.json").exists()
 
+    stop = max(killed_at + 8, steps_per_epoch + 8)
+    _run(tiny_overrides(fmnist_shards, ref_dir, **common, **{"train.stop_at_step": stop}))
     resume_point = latest.resolve()
-    out = _run(tiny_overrides(fmnist_shards, run_dir, **common))  # checkpoint.resume=auto picks up `latest`
-    assert f"resumed from {resume_point} at step {killed_at}" in out.stdout + out.stderr
-    assert f"{backend} loader" in out.stdout + out.stderr
-    if backend == "dali":  # restored from DALI's own checkpoint, not by decoding the epoch's first batches again
-        assert f"resumes at batch {killed_at % 32} from DALI's checkpoint" in out.stdout + out.stderr
+    out = _run(tiny_overrides(fmnist_shards, run_dir, **common, **{"train.stop_at_step": stop}))
+    log = out.stdout + out.stderr
+    assert f"resumed from {resume_point} at step {killed_at}" in log  # checkpoint.resume=auto picks up `latest`
+    assert f"{backend} loader" in log
+    if backend == "dali" and killed_at % steps_per_epoch:
+        # mid-epoch: restored from DALI's own checkpoint, not by decoding the epoch's first batches again
+        assert f"resumes at batch {killed_at % steps_per_epoch} from DALI's checkpoint" in log
 
+    # both runs stopped at `stop` with a checkpoint there: `pipeline export` gives the weights of each
+    for run in (ref_dir, run_dir):
+        assert _checkpoint_step(run / "checkpoints" / "latest") == stop
+        subprocess.run([sys.executable, "-m", "pipeline", "export", str(run)], cwd=ROOT, env=_env(), check=True,
+                       capture_output=True)
     ref = load_file(ref_dir / "export" / "model.safetensors")
     got = load_file(run_dir / "export" / "model.safetensors")
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"{k} differs after kill + resume"
 
-    # Every sample of epoch 0 (steps 0..31: 2048 samples = 32 steps x 32 x 2 ranks) consumed exactly once.
+    # Every sample of epoch 0 (2048 samples = 32 steps x 32 x 2 ranks) consumed exactly once.
     records = _last_lines_per_step(run_dir)
     epoch0 = [k for (rank, step, _), (epoch, keys) in records.items() if epoch == 0 for k in keys]
     assert len(epoch0) == len(set(epoch0)) == 2048
@@ -116,6 +133,26 @@ def test_two_process_run_evaluates_exports_and_logs(fmnist_shards, tmp_path):
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.train.steps == 8 and resolved.data.train_shards == str(fmnist_shards["train"])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    # the export's model card shows the results of evaluating the exported file, and the command that made it
+    card = (run_dir / "export" / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", card, re.MULTILINE))
+
+    def leaves(tree, path):  # whatever nesting evaluate() returns
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from leaves(v, f"{path} / {k}")
+        else:
+            yield path, tree
+
+    for metric in ("linear_probe", "knn"):
+        for path, value in leaves(summary[metric], metric):
+            assert rows[path] == f"{value:.4f}", (path, card)
+    assert "pipeline launch configs/quickstart.yaml" in card and "launcher.nprocs=2" in card
+    assert json.loads((run_dir / "export" / "pipeline.json").read_text())["images_seen"] == 8 * 32 * 2
+    # re-exporting the same checkpoint keeps the results on the card
+    subprocess.run([sys.executable, "-m", "pipeline", "export", str(run_dir), "--output", str(tmp_path / "again")],
+                   cwd=ROOT, env=_env(), check=True, capture_output=True)
+    assert (tmp_path / "again" / "README.md").read_text().split("## Evaluation")[1] == card.split("## Evaluation")[1]
 
 
 def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, tmp_path):
@@ -129,9 +166,7 @@ def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, 
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(fmnist_shards, tmp_path / "run",
                                                                 **{"launcher.nprocs": 1}))
     train(cfg)
-    meta = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
-    model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])
-    model.load_state_dict(load_file(tmp_path / "run" / "export" / "model.safetensors"), strict=True)
+    model = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)  # loads strictly
     model.eval()
 
     method = build_method(cfg)
@@ -142,11 +177,18 @@ def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, 
         assert torch.equal(model(x), method.encoder(x))
         assert torch.equal(load_exported(tmp_path / "run" / "export")(x), model(x))
 
-    # `pipeline export` re-exports from the checkpoint, offline, to the same weights
+    # `pipeline export` re-exports from the checkpoint, offline, to the same files
     subprocess.run([sys.executable, "-m", "pipeline", "export", str(tmp_path / "run"), "--output",
                     str(tmp_path / "again")], cwd=ROOT, env=_env(), check=True, capture_output=True)
     a, b = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "run" / "export" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == \
+        json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    again = json.loads((tmp_path / "again" / "pipeline.json").read_text())
+    trained = json.loads((tmp_path / "run" / "export" / "pipeline.json").read_text())
+    assert again["checkpoint"] == trained["checkpoint"] == str((tmp_path / "run" / "checkpoints" / "step_00000006").resolve())
+    assert again == trained  # steps, images seen, the command: read back from the run
+    assert trained["steps"] == 6 and trained["images_seen"] == 6 * 32
 
 
 @pytest.mark.slow

@@ -56,11 +56,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"IDX file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise ShardError(f"{path}: cannot read it as an{' gzipped' if path.suffix == '.gz' else ''} IDX file "
+                         f"({exc})") from exc
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
         raise ShardError(f"{path}: not an IDX file (bad magic {data[:4]!r})")
-    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[data[2]]
+    dtype = dtypes[data[2]]
     ndim = data[3]
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.recipes import Recipe, build_recipe
 from pipeline.methods.base import Method
 from pipeline.methods.byol import BYOL
@@ -36,7 +36,7 @@ def method_recipe(cfg: Config) -> Recipe:
 
 def build_method(cfg: Config) -> Method:
     if cfg.method.name not in METHODS:
-        raise KeyError(f"unknown method.name {cfg.method.name!r}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method.name {cfg.method.name!r}; known: {', '.join(METHODS)}")
     method = METHODS[cfg.method.name](cfg)
     # Global batch statistics in the heads (what the papers' SyncBatchNorm gives); identical in one process.
     return sync_batchnorm(method, global_stats=cfg.method.sync_bn)
