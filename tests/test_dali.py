@@ -89,7 +89,7 @@ def _resume(cfg, state: dict, rank_state: dict | None) -> tuple[list, list]:
     """Batches of a loader resumed at ``state``, and the DALI checkpoints its pipelines were built from."""
     loader = dali_loader(cfg)
     built, build = [], loader.build_pipeline
-    loader.build_pipeline = lambda epoch, checkpoint=None: built.append(checkpoint) or build(epoch, checkpoint)
+    loader.build_pipeline = lambda *a, checkpoint=None: built.append(checkpoint) or build(*a, checkpoint=checkpoint)
     loader.load_state_dict(state)
     if rank_state is not None:
         loader.load_rank_state_dict(rank_state)
@@ -118,7 +118,8 @@ def test_resume_mid_epoch_continues_exactly(jpeg_shards, how):
 def test_unusable_dali_checkpoint_falls_back_to_replay(jpeg_shards):
     cfg = make_cfg(jpeg_shards)
     ref = take(dali_loader(cfg), 6)
-    got, built = _resume(cfg, {"epoch": 0, "batch": 4}, {"epoch": 0, "batch": 4, "dali": b"not a checkpoint"})
+    bogus = {"epoch": 0, "batch": 4, "segment": 0, "dali": b"not a checkpoint"}
+    got, built = _resume(cfg, {"epoch": 0, "batch": 4}, bogus)
     assert built == [b"not a checkpoint", None]
     assert [g.keys for g in got] == [r.keys for r in ref[4:6]]
     # a checkpoint of another position is not used at all
@@ -126,9 +127,13 @@ def test_unusable_dali_checkpoint_falls_back_to_replay(jpeg_shards):
     assert built == [None] and [g.keys for g in got] == [r.keys for r in ref[4:6]]
 
 
-def _rank_keys(shards: str, epochs: int) -> tuple[int, list[list[str]]]:
+def _rank_keys(shards: str, epochs: int, backend: str = "dali") -> tuple[int, list[list[str]]]:
     env = DistEnv(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    loader = dali_loader(make_cfg(shards), env, torch.device("cpu"))
+    cfg = make_cfg(shards)
+    if backend == "dali":
+        loader = dali_loader(cfg, env, torch.device("cpu"))
+    else:
+        loader = TorchLoader(cfg, env, torch.device("cpu"), method_recipe(cfg))
     batches = take(loader, epochs * loader.steps_per_epoch)
     per_epoch = [[k for b in batches[e * loader.steps_per_epoch : (e + 1) * loader.steps_per_epoch] for k in b.keys]
                  for e in range(epochs)]
@@ -136,7 +141,7 @@ def _rank_keys(shards: str, epochs: int) -> tuple[int, list[list[str]]]:
 
 
 @pytest.mark.multirank
-def test_two_ranks_read_disjoint_samples_each_epoch(jpeg_shards):
+def test_two_ranks_read_disjoint_samples_with_the_torch_backends_plan(jpeg_shards):
     results = run_ranks(_rank_keys, str(jpeg_shards), 2, world_size=2, init_pg=False, timeout=300)
     steps = {s for s, _ in results}
     assert steps == {70 // 8}  # equal step counts on every rank
@@ -144,6 +149,12 @@ def test_two_ranks_read_disjoint_samples_each_epoch(jpeg_shards):
         k0, k1 = results[0][1][epoch], results[1][1][epoch]
         assert len(k0) == len(k1) == 8 * 4
         assert len(set(k0)) == len(k0) and not set(k0) & set(k1)
+    assert results[0][1][0] != results[0][1][1]  # epoch-seeded order
+    # the same plan as the torch backend: each rank reads the same samples in each epoch (in another order)
+    torch_results = run_ranks(_rank_keys, str(jpeg_shards), 2, "torch", world_size=2, init_pg=False, timeout=300)
+    for rank in range(2):
+        for epoch in range(2):
+            assert sorted(results[rank][1][epoch]) == sorted(torch_results[rank][1][epoch])
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -173,29 +184,67 @@ def _bad_shards(tmp_path: Path, bad: bytes | None) -> Path:
     return root
 
 
-def test_sample_without_image_is_skipped_and_counted(tmp_path):
+def test_sample_without_image_is_replaced_and_counted(tmp_path):
     cfg = make_cfg(_bad_shards(tmp_path, None))
     cfg.data.verify = "none"  # the tar was rewritten after the manifest
     loader = dali_loader(cfg)
-    assert loader.skipped == 1 and loader.num_samples == 11 and loader.steps_per_epoch == 2
-    keys = [k for b in take(loader, 2 * loader.steps_per_epoch) for k in b.keys]
-    assert "000000005" not in keys
+    assert loader.num_samples == 12 and loader.steps_per_epoch == 3  # the plan counts it: it is replaced, not dropped
+    batches = take(loader, 2 * loader.steps_per_epoch)
+    assert all(b.size == 4 and len(b.keys) == 4 for b in batches)
+    keys = [k for b in batches for k in b.keys]
+    assert "000000005" not in keys and len(set(keys)) == 11
+    assert loader.bad_samples == 2 == sum(b.num_bad for b in batches)  # once per epoch
+    assert "no jpg" in loader.last_bad and "sample 5" in loader.last_bad
+
+
+def _jpeg_bytes(kind: str) -> bytes:
+    from PIL import Image
+
+    good = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((24, 30, 3)) * 255).astype(np.uint8)).save(good, "JPEG")
+    return b"not a jpeg at all" if kind == "garbage" else good.getvalue()[: len(good.getvalue()) // 2]
+
+
+def _undecodable_cfg(root: Path):
+    cfg = make_cfg(root)
+    cfg.data.verify = "none"
+    return cfg
+
+
+def _state_after_cfg(root: str, n: int) -> tuple[dict, dict, list]:
+    loader = dali_loader(_undecodable_cfg(Path(root)))
+    batches = take(loader, n)
+    return loader.state_dict(), loader.rank_state_dict(), [b.keys for b in batches]
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated"])
-def test_undecodable_image_names_shard_and_key(tmp_path, kind):
-    good = io.BytesIO()
-    from PIL import Image
-
-    Image.fromarray((np.random.default_rng(0).random((24, 30, 3)) * 255).astype(np.uint8)).save(good, "JPEG")
-    bad = b"not a jpeg at all" if kind == "garbage" else good.getvalue()[: len(good.getvalue()) // 2]
-    root = _bad_shards(tmp_path, bad)
-    cfg = make_cfg(root, batch_size=12)
-    cfg.data.verify = "none"
+def test_undecodable_image_is_replaced_counted_and_resumed_exactly(tmp_path, kind):
+    root = _bad_shards(tmp_path, _jpeg_bytes(kind))
+    cfg = _undecodable_cfg(root)
     loader = dali_loader(cfg)
-    with pytest.raises(ShardError) as err:
-        take(loader, 1)
-    assert f"{root / 'shard-000000.tar'}:000000005" in str(err.value)
+    steps = loader.steps_per_epoch
+    assert steps == 3
+    ref = take(loader, 2 * steps)
+    assert all(b.size == 4 and all(v.shape[0] == 4 for v in b.views) for b in ref)  # full batches, always
+    keys = [k for b in ref for k in b.keys]
+    assert "000000005" not in keys and len(set(keys)) == 11
+    assert loader.bad_samples == 2 and [b.num_bad for b in ref].count(1) == 2
+    assert f"{root / 'shard-000000.tar'} sample 5" in loader.last_bad and "does not decode" in loader.last_bad
+    hit = next(i for i, b in enumerate(ref) if b.num_bad)  # the batch whose pipeline failed and was rebuilt
+    # resume in another process, before the failure and after it: the same batches as the uninterrupted run
+    for first in sorted({hit, hit + 1, steps + 1}):
+        (state, rank_state, _), = run_ranks(_state_after_cfg, str(root), first, world_size=1, init_pg=False)
+        if first > hit:
+            assert rank_state["undecodable"] == {str(root / "shard-000000.tar"): [5]}
+        resumed = dali_loader(cfg)
+        resumed.load_state_dict(state)
+        resumed.load_rank_state_dict(rank_state)
+        got = take(resumed, 2 * steps - first)
+        for g, r in zip(got, ref[first:]):
+            assert g.keys == r.keys
+            for a, b in zip(g.views, r.views):
+                assert torch.equal(a, b)
+        assert resumed.bad_samples == loader.bad_samples
 
 
 def test_missing_index_is_created_or_reported_with_its_command(tmp_path, monkeypatch):

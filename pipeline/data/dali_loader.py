@@ -1,67 +1,63 @@
 """The DALI backend: WebDataset shards -> ``fn.readers.webdataset`` -> decode (``mixed`` on a GPU, ``cpu``
 without one) -> the recipe's views rendered as DALI ops -> ``DALIGenericIterator`` -> :class:`Batch`.
 
-How an epoch is split, compared with the torch backend (``pipeline.data.torch_loader``):
+The epoch plan is the torch backend's (:mod:`pipeline.data.plan`): shard order seeded by ``(run.seed, epoch)``,
+one contiguous range of the stream per rank, ``steps_per_epoch`` batches on every rank. The reader is given
+exactly this rank's range, as derived index files (:mod:`pipeline.data.dali_index`), in an order the loader
+knows: each shard's piece of the range shuffled in blocks of ``loader.shuffle_buffer`` samples (seeded by seed,
+epoch and rank), the reader's own shuffle off. Augmentation draws come from DALI's per-operator generators,
+seeded by (seed, epoch, rank, first batch of the pipeline).
 
-- Same: the shard order is shuffled with :func:`~pipeline.data.plan.shard_order` seeded by ``(run.seed,
-  epoch)`` and the shards are laid end to end; the stream is split at sample level into one contiguous range
-  per rank (DALI's ``shard_id = rank``, ``num_shards = world size``), so every sample is read by at most one
-  rank per epoch; every rank takes exactly ``steps_per_epoch = samples // (batch x world)`` batches.
-- Different: DALI cuts the ranges at ``samples * rank // world`` (the torch backend at
-  ``rank * steps * batch``), so the few samples left over by the floor division are dropped from the end of
-  every rank's range instead of from the end of the stream. Within a rank, samples are shuffled by DALI's
-  reader buffer (``random_shuffle``, ``initial_fill = loader.shuffle_buffer``, seeded by seed/epoch/rank),
-  not webdataset's; and augmentation draws come from DALI's per-operator generators (seeded by
-  seed/epoch/rank), not from per-sample torch seeds, so the two backends see different crops of a sample.
-- Resume: pipelines are built with ``enable_checkpointing=True`` and every checkpoint of the run stores, per
-  rank, DALI's own checkpoint of that rank's pipeline (reader position and every random generator, taken from
-  ``DALIGenericIterator.checkpoints()``, which accounts for prefetched batches). A resume on the same number of
-  ranks restores it: the next batch is the one an uninterrupted run would have produced, with no replay. Without
-  a usable DALI checkpoint (another number of ranks, another DALI version, a checkpoint from a torch-backend
-  run) the loader rebuilds epoch ``e``'s pipeline (same seeds) and runs and discards its first ``k`` batches:
-  still exact, at the cost of decoding ``k`` batches again (at most one epoch's worth, once per resume).
+Bad samples are counted, not fatal. A sample whose members fail the check against the tar (past the end of the
+file, no matching tar header: a damaged or rewritten shard), or that has no image, is replaced before the reader
+sees it. An image that does not decode stops DALI's pipeline (DALI decodes a batch at a time and cannot ask the
+reader for another sample, NVIDIA/DALI#3913): the loader decodes that batch's images one by one to find the bad
+ones, replaces them by another sample of the same batch, and rebuilds the pipeline at that batch; they stay
+replaced for the rest of the run. ``bad_samples`` counts replaced samples in the batches this rank yielded.
 
-Bad data: a sample without the image field is skipped by the reader (``missing_component_behavior="skip"``)
-and counted from the index files before the run starts (``DaliLoader.skipped``). A sample whose image does not
-decode cannot be skipped: DALI decodes a batch at a time and cannot ask the reader for a replacement sample
-(NVIDIA/DALI#3913), so the loader stops with a :class:`ShardError` naming the shard and the key. A missing
-index file is written next to its shard (or, if that folder is read-only, reported with the ``wds2idx``
-command that writes it).
+Resume is exact: each rank saves DALI's own checkpoint of its pipeline (reader position and generator states,
+from ``DALIGenericIterator.checkpoints()``), the first batch of that pipeline and the images it found undecodable;
+a resume on the same number of ranks rebuilds the same pipeline and restores it. Without a usable DALI checkpoint
+the pipeline is rebuilt and its first batches are decoded again and discarded (still exact).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.config import Config
+from pipeline.data.dali_index import (
+    EntryCache,
+    Fields,
+    RankOrder,
+    ShardRef,
+    block_shuffled,
+    replace_bad,
+    runs,
+    write_run_indexes,
+)
 from pipeline.data.loader import Batch, LoaderPosition
-from pipeline.data.plan import shard_order, steps_per_epoch
+from pipeline.data.plan import plan_range, rank_range, shard_order, steps_per_epoch
 from pipeline.data.recipes import Recipe, ViewSpec
-from pipeline.data.shards import ShardError, ShardSet, open_shards, write_dali_index
+from pipeline.data.shards import ShardError, open_shards, write_dali_index
 from pipeline.distributed import DistEnv
 
 _SOURCE_INFO = re.compile(r"(?P<shard>[^\s:'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+UNDECODABLE = "the image does not decode"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Index files
-
-
-@dataclass
-class ShardIndex:
-    """One shard as DALI will read it: tar, index file, and how many samples have every wanted field."""
-
-    tar: Path
-    index: Path
-    samples: int
-    usable: int
+# Index files next to local shards
 
 
 def index_command(tar: Path, index: Path) -> str:
@@ -85,35 +81,6 @@ def ensure_index(tar: Path, index: Path, expected: int | None = None) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ShardError(f"{reason} and cannot be written ({exc}); create it with: {index_command(tar, index)}") from exc
-
-
-def read_index(tar: Path, index: Path, exts: list[set[str]]) -> ShardIndex:
-    """Count the samples of a DALI index (format v1.2: ``ext offset size name`` per component) that have a
-    component for every output (each output accepts a set of extensions)."""
-    with open(index) as f:
-        header = f.readline().split()
-        if len(header) != 2 or not header[0].startswith("v1."):
-            raise ShardError(f"{index} is not a DALI webdataset index; recreate it with: {index_command(tar, index)}")
-        samples = usable = 0
-        for line in f:
-            parts = line.split()
-            if not parts:
-                continue
-            samples += 1
-            have = {parts[i] for i in range(0, len(parts), 4)}
-            usable += all(have & want for want in exts)
-    return ShardIndex(tar, index, samples, usable)
-
-
-def index_shards(shards: ShardSet, exts: list[set[str]]) -> list[ShardIndex]:
-    out = []
-    entries = shards.manifest.get("shards", [])
-    for i, tar in enumerate(shards.paths):
-        name = entries[i].get("index") if i < len(entries) else None
-        index = tar.parent / name if name else tar.with_suffix(".idx")
-        ensure_index(tar, index, shards.counts[i])
-        out.append(read_index(tar, index, exts))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,36 +156,63 @@ def _solarize_sometimes(out, prob: float):
     return out
 
 
+
+
 def dali_pipeline(
-    recipe: Recipe, *, paths: list[str], index_paths: list[str], exts: list[str], batch_size: int, num_threads: int,
-    device_id: int | None, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int, reader_seed: int,
-    seed: int, prefetch: int, with_label: bool, with_text: bool, checkpoint: bytes | None = None,
+    recipe: Recipe, *, paths: list[str], index_paths: list[str], fields: Fields, batch_size: int, num_threads: int,
+    device_id: int | None, seed: int, prefetch: int, checkpoint: bytes | None = None,
 ):
-    """Build (not start) the DALI pipeline of one epoch, restored from ``checkpoint`` (``Pipeline.checkpoint()``
-    of the same graph) if given. Outputs: one tensor per view, ``source_info`` bytes (``shard.tar:offset:member``,
-    zero padded), then the label and caption bytes when present."""
+    """Build (not start) the DALI pipeline reading ``paths`` through ``index_paths`` in order, restored from
+    ``checkpoint`` (``Pipeline.checkpoint()`` of the same graph) if given. Outputs: one tensor per view,
+    ``source_info`` bytes (``shard.tar:offset:member``, zero padded), then the label and caption member bytes when
+    read."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
 
     @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def graph():
-        wanted = [";".join(exts)] + (["cls"] if with_label else []) + (["txt"] if with_text else [])
-        fields = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=wanted, missing_component_behavior="skip",
-            shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle and shuffle_buffer > 1,
-            initial_fill=max(1, shuffle_buffer), seed=reader_seed, name="reader",
+        # dont_use_mmap: a member past the end of a file (a shard truncated while the run reads it) then fails a
+        # read with an error naming the file, where through a memory map it would crash the process
+        fields_out = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, ext=fields.reader_exts, missing_component_behavior="empty",
+            random_shuffle=False, dont_use_mmap=True, name="reader",
         )
-        fields = fields if isinstance(fields, (list, tuple)) else [fields]
-        encoded = fields[0]
+        outs = fields_out if isinstance(fields_out, (list, tuple)) else [fields_out]
+        encoded = outs[0]
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         views = [render_dali(v, images) for v in recipe.views]
         meta = [fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)]
-        meta += [fn.pad(f, fill_value=0) for f in fields[1:]]
+        meta += [fn.pad(f, fill_value=0) for f in outs[1:]]
         return (*views, *meta)
 
     return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=prefetch, exec_dynamic=True, checkpoint=checkpoint)
+
+
+def undecodable(blobs: list[bytes], device_id: int | None) -> list[int]:
+    """Indices of ``blobs`` that DALI's image decoder (on the loader's device) cannot decode, one image at a time.
+    A failed run leaves a DALI pipeline unusable, so each failure costs a new (small) pipeline."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    def graph():
+        return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8),
+                                 device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
+
+    bad, i, pipe = [], 0, None
+    while i < len(blobs):
+        if pipe is None:
+            pipe = graph()
+            pipe.build()
+        pipe.feed_input("encoded", [np.frombuffer(blobs[i], dtype=np.uint8)])
+        try:
+            pipe.run()
+        except RuntimeError:
+            bad.append(i)
+            pipe = None
+        i += 1
+    return bad
 
 
 def _strings(t: torch.Tensor) -> list[str]:
@@ -233,8 +227,27 @@ def _key_of(source_info: str) -> str:
     return member[: len(member) - len(base)] + base.split(".", 1)[0]
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loader
+
+
+def _field_ext(key: str) -> str:
+    """The member a label or caption comes from: ``cls``/``txt``/... as is, ``json:FIELD`` from ``json``."""
+    return "json" if key.startswith("json:") else key
+
+
+def _json_field(raw: str, path: str):
+    import json
+
+    try:
+        value = json.loads(raw) if raw.strip() else None
+    except json.JSONDecodeError:
+        return None
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 class DaliLoader(LoaderPosition):
@@ -247,188 +260,287 @@ class DaliLoader(LoaderPosition):
         except ImportError as exc:
             raise ImportError("loader.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
                               "(or loader.backend=torch)") from exc
-        self.env, self.device = env, device
-        self.shards = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
-        self.recipe = recipe
-        fields = self.shards.manifest.get("fields", [])
+        self.env, self.device, self.recipe = env, device, recipe
+        source = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
+        self.root = source.root
+        fields = source.manifest.get("fields", [])
         if cfg.data.image_key == "auto":
-            self.image_exts = list(self.shards.manifest.get("image_keys") or [self.shards.image_key])
+            image_exts = tuple(source.manifest.get("image_keys") or IMAGE_EXTS)
         else:
-            self.image_exts = [cfg.data.image_key]
-        if not set(self.image_exts) & set(fields or self.image_exts):
-            raise ShardError(f"shards in {self.shards.root} have no {cfg.data.image_key!r} field "
-                             f"(fields: {fields}); set data.image_key")
-        if cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
-            raise NotImplementedError("the DALI backend reads labels from .cls and captions from .txt")
-        self.with_label = "cls" in fields
-        self.with_text = self.recipe.with_text and "txt" in fields
-        if self.recipe.with_text and not self.with_text:
-            raise ShardError(f"recipe {self.recipe.name!r} needs captions but {self.shards.root} has no txt field")
-        wanted = [set(self.image_exts)] + [{"cls"}] * self.with_label + [{"txt"}] * self.with_text
-        self.index = index_shards(self.shards, wanted)
-        self.num_samples = sum(s.usable for s in self.index)
-        self.skipped = sum(s.samples - s.usable for s in self.index)
-        """Samples the reader skips because they lack the image (or label/caption) field."""
+            image_exts = tuple(cfg.data.image_key.split(";"))
+        if fields and not set(image_exts) & set(fields):
+            raise ShardError(f"shards in {self.root} have no {cfg.data.image_key!r} field (fields: {fields}); "
+                             f"set data.image_key")
+        self.label_key, self.text_key = cfg.data.label_key, cfg.data.text_key
+        label_ext, text_ext = _field_ext(self.label_key), _field_ext(self.text_key)
+        self.with_label = not fields or label_ext in fields
+        self.with_text = recipe.with_text
+        if self.with_text and fields and text_ext not in fields:
+            raise ShardError(f"recipe {recipe.name!r} needs captions but {self.root} has no {text_ext} field")
+        self.fields = Fields(image_exts, label_ext if self.with_label else None, text_ext if self.with_text else None,
+                             require_text=self.with_text)
+        entries = source.manifest.get("shards", [])
+        self.shards: list[ShardRef] = []
+        for i, tar in enumerate(source.paths):
+            name = entries[i].get("index") if i < len(entries) else None
+            index = tar.parent / name if name else tar.with_suffix(".idx")
+            ensure_index(tar, index, source.counts[i])
+            self.shards.append(ShardRef(str(tar), str(index), source.counts[i], tar.stat().st_size))
+        self._shard_of = {ref.url: i for i, ref in enumerate(self.shards)}
+        self.num_samples = sum(ref.count for ref in self.shards)
         self.batch_size, self.seed, self.shuffle = cfg.loader.batch_size, cfg.run.seed, shuffle
         self.shuffle_buffer = cfg.loader.shuffle_buffer
         self.num_threads = max(1, cfg.loader.num_workers)
         self.prefetch = max(1, cfg.loader.prefetch_factor)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, self.batch_size, env.world_size)
         if self.steps_per_epoch == 0:
-            raise ShardError(f"{self.shards.root} has {self.num_samples} readable samples: fewer than one global "
-                             f"batch ({self.batch_size} x {env.world_size} ranks)")
-        if self.skipped and env.is_main:
-            print(f"dali loader: skipping {self.skipped} samples of {self.shards.root} without a "
-                  f"{'/'.join(self.image_exts)} field")
+            raise ShardError(f"{self.root} has {self.num_samples} samples: fewer than one global batch "
+                             f"({self.batch_size} x {env.world_size} ranks)")
+        self.entries = EntryCache(self.fields)
+        self.bad_samples = 0
+        """Bad samples (replaced by another sample of their batch) in the batches this rank yielded, whole run."""
+        self.last_bad = ""
+        """The last of them, as ``shard sample N (key): reason``."""
         self.epoch, self.batch = 0, 0
-        self._it = None  # the running epoch's DALIGenericIterator
+        self._found: dict[int, set[int]] = {}  # shard -> samples whose image DALI could not decode
+        self._reported: set[int] = set()  # shards whose failed header checks were reported
+        self._segment = 0  # first batch of the running pipeline (its generators are seeded by it)
+        self._it = None  # the running pipeline's DALIGenericIterator
         self._restore: bytes | None = None  # DALI checkpoint of (epoch, batch) to resume from
+        self._folder = Path(tempfile.mkdtemp(prefix=f"dali-plan-rank{env.rank}-"))
+        weakref.finalize(self, shutil.rmtree, str(self._folder), True)
+
+    # -- position and per-rank state ---------------------------------------------------------------------------
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         super().load_state_dict(state)
-        self._restore = None
+        self._restore, self._segment = None, 0
 
     def rank_state_dict(self) -> dict:
-        """This rank's DALI checkpoint at the current position (none before the first batch of an epoch)."""
-        state: dict = {"epoch": self.epoch, "batch": self.batch}
+        """This rank's state at the current position: the running pipeline's first batch and DALI checkpoint
+        (none before the first batch of an epoch), the images found undecodable and the bad-sample count. Plain
+        data (ints, strings, lists, bytes)."""
+        state: dict = {"epoch": self.epoch, "batch": self.batch, "segment": self._segment,
+                       "bad_samples": self.bad_samples, "last_bad": self.last_bad,
+                       "undecodable": {self.shards[s].url: sorted(ids) for s, ids in sorted(self._found.items())}}
         if self._it is not None and 0 < self.batch < self.steps_per_epoch:
             state["dali"] = self._it.checkpoints()[0]
         return state
 
     def load_rank_state_dict(self, state: dict) -> None:
-        """Use the saved DALI checkpoint if it was taken at the position ``load_state_dict`` set."""
-        if state.get("dali") and (state.get("epoch"), state.get("batch")) == (self.epoch, self.batch):
-            self._restore = state["dali"]
+        """Take the saved state if it was taken at the position ``load_state_dict`` set."""
+        if (state.get("epoch"), state.get("batch")) != (self.epoch, self.batch):
+            return
+        self._segment = min(int(state.get("segment", 0)), self.batch)
+        self._restore = state.get("dali") or None
+        self.bad_samples, self.last_bad = int(state.get("bad_samples", 0)), str(state.get("last_bad", ""))
+        self._found = {self._shard_of[url]: set(ids) for url, ids in state.get("undecodable", {}).items()
+                       if url in self._shard_of}
+
+    # -- the plan ----------------------------------------------------------------------------------------------
+
+    def rank_spans(self, epoch: int) -> list[tuple[int, int, int]]:
+        """This rank's spans of ``epoch`` (shard, start, stop): the torch backend's plan."""
+        order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+        start, stop = rank_range(self.steps_per_epoch, self.batch_size, self.env.rank)
+        spans = plan_range(self, order, start, stop)
+        return [(self._shard_of[span.path], span.start, span.stop) for span in spans]
+
+    @property
+    def paths(self) -> list[str]:
+        return [ref.url for ref in self.shards]
+
+    @property
+    def counts(self) -> list[int]:
+        return [ref.count for ref in self.shards]
+
+    def rank_order(self, epoch: int) -> RankOrder:
+        """This rank's positions of ``epoch`` with every bad sample known so far replaced."""
+        spans = self.rank_spans(epoch)
+        rng = None
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = np.random.default_rng([self.seed, epoch, self.env.rank])
+        shard, sample = block_shuffled(spans, self.shuffle_buffer, rng)
+        bad: dict[int, dict[int, str]] = {}
+        for s in np.unique(shard).tolist():
+            known = self.entries.bad(self.shards[s])
+            if known and s not in self._reported:
+                self._reported.add(s)
+                first = min(known)
+                print(f"dali loader: rank {self.env.rank}: {len(known)} of {self.shards[s].count} samples of "
+                      f"{self.shards[s].url} cannot be read and count as bad samples (e.g. sample {first}: "
+                      f"{known[first]})")
+            found = {i: UNDECODABLE for i in self._found.get(s, ())}
+            if known or found:
+                bad[s] = {**known, **found}
+        return replace_bad(shard, sample, bad, self.batch_size, self.paths)
+
+    def _seed(self, epoch: int, segment: int) -> int:
+        return int(np.random.SeedSequence([self.seed, epoch, self.env.rank, segment]).generate_state(1)[0]) % (2**31 - 1)
+
+    def build_pipeline(self, epoch: int, segment: int, order: RankOrder, checkpoint: bytes | None = None):
+        """The DALI pipeline reading ``order`` from batch ``segment`` to the end of the epoch."""
+        run_list = runs(order, segment * self.batch_size)
+        folder = self._folder / f"epoch{epoch}"
+        for old in self._folder.iterdir():
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        index_paths = write_run_indexes(run_list, self.shards, self.entries, folder)
+        gpu = self.device.type == "cuda"
+        return dali_pipeline(
+            self.recipe, paths=[self.shards[s].url for s, _ in run_list], index_paths=index_paths, fields=self.fields,
+            batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=(self.device.index if self.device.index is not None else self.env.local_rank) if gpu else None,
+            seed=self._seed(epoch, segment), prefetch=self.prefetch, checkpoint=checkpoint,
+        )
+
+    # -- iteration ---------------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            for batch in self._epoch_batches(self.epoch, self.batch, self._restore):
-                self.batch += 1
-                yield batch
-            self.epoch, self.batch, self._restore = self.epoch + 1, 0, None
+            yield from self._epoch()
+            self.epoch, self.batch, self._segment, self._restore = self.epoch + 1, 0, 0, None
 
-    def _seeds(self, epoch: int) -> tuple[int, int]:
-        base = (self.seed * 1_000_003 + epoch) * 1_009 + self.env.rank
-        return base % (2**31 - 1), (base * 7_919 + 17) % (2**31 - 1)
+    def _output_names(self) -> list[str]:
+        names = [f"view{i}" for i in range(len(self.recipe.views))] + ["source_info"]
+        return names + ["label"] * (self.fields.label_ext is not None) + ["text"] * (self.fields.text_ext is not None)
 
-    def build_pipeline(self, epoch: int, checkpoint: bytes | None = None):
-        order = shard_order(len(self.index), self.seed, epoch, self.shuffle)
-        reader_seed, seed = self._seeds(epoch)
-        gpu = self.device.type == "cuda"
-        return dali_pipeline(
-            self.recipe, paths=[str(self.index[i].tar) for i in order],
-            index_paths=[str(self.index[i].index) for i in order], exts=self.image_exts,
-            batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=(self.device.index if self.device.index is not None else self.env.local_rank) if gpu else None,
-            shard_id=self.env.rank, num_shards=self.env.world_size, shuffle=self.shuffle,
-            shuffle_buffer=self.shuffle_buffer, reader_seed=reader_seed, seed=seed, prefetch=self.prefetch,
-            with_label=self.with_label, with_text=self.with_text, checkpoint=checkpoint,
-        )
-
-    def _epoch_batches(self, epoch: int, start: int, checkpoint: bytes | None = None) -> Iterator[Batch]:
-        """Batches ``start..steps_per_epoch`` of ``epoch``: from the DALI ``checkpoint`` taken at ``start`` if
-        there is one, else by replaying and discarding the first ``start`` batches."""
+    def _start(self, epoch: int, segment: int, order: RankOrder, checkpoint: bytes | None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        if start >= self.steps_per_epoch:
-            return
-        n_views = len(self.recipe.views)
-        names = [f"view{i}" for i in range(n_views)] + ["source_info"]
-        names += ["label"] * self.with_label + ["text"] * self.with_text
+        def start(ckpt: bytes | None):
+            # No reader_name/size: exactly the batches up to steps_per_epoch are taken, then the pipeline is dropped
+            pipe = self.build_pipeline(epoch, segment, order, ckpt)
+            it = DALIGenericIterator([pipe], self._output_names(), size=-1, auto_reset=False,
+                                     prepare_first_batch=False)
+            return pipe, it
 
-        def start_pipeline(ckpt: bytes | None):
-            # No reader_name/size: the iterator would stop at the end of this rank's range, which may hold a few
-            # more batches than steps_per_epoch; we take exactly steps_per_epoch and drop the pipeline.
-            pipe = self.build_pipeline(epoch, ckpt)
-            return pipe, DALIGenericIterator([pipe], names, size=-1, auto_reset=False, prepare_first_batch=False)
-
-        first = skip = 0
         if checkpoint is not None:
             try:
-                pipe, it = start_pipeline(checkpoint)
-                first = start
+                return (*start(checkpoint), True)
             except RuntimeError as exc:
                 print(f"rank {self.env.rank}: cannot restore DALI's checkpoint ({str(exc).strip().splitlines()[-1]});"
-                      f" replaying {start} batches of epoch {epoch} instead")
-                checkpoint = None
-        if checkpoint is None:
-            pipe, it = start_pipeline(None)
-            skip = start
-        if start and self.env.is_main:
-            how = "from DALI's checkpoint" if checkpoint is not None else f"by replaying {start} batches"
-            print(f"dali loader: epoch {epoch} resumes at batch {start} {how}")
-        self._it = it
-        try:
-            for b in range(first, self.steps_per_epoch):
-                try:
-                    out = next(it)[0]
-                except StopIteration:
-                    raise ShardError(f"rank {self.env.rank}: DALI ran out of samples at batch {b} of epoch {epoch}")
-                except RuntimeError as exc:
-                    if "decoders" not in str(exc):
-                        raise
-                    raise self._decode_error(exc, epoch, b) from exc
-                if b < skip:
-                    continue  # fast-forward of a resumed epoch: same seeds, so the kept batches are exact
-                yield self._to_batch(out, n_views)
-        finally:
-            self._it = None
-            del it, pipe
+                      f" replaying {self.batch - segment} batches of epoch {epoch} instead")
+        return (*start(None), False)
 
-    def _to_batch(self, out: dict[str, torch.Tensor], n_views: int) -> Batch:
-        views = [out[f"view{i}"].to(self.device, non_blocking=True) for i in range(n_views)]
+    def _epoch(self) -> Iterator[Batch]:
+        """The rest of the current epoch, from ``self.batch``; a pipeline that fails on an undecodable image is
+        rebuilt at the failing batch with the bad images replaced."""
+        epoch, steps, b_size = self.epoch, self.steps_per_epoch, self.batch_size
+        if self.batch >= steps:
+            return
+        order = self.rank_order(epoch)
+        segment, checkpoint = min(self._segment, self.batch), self._restore
+        self._restore = None
+        if self.batch and self.env.is_main:
+            how = "from DALI's checkpoint" if checkpoint is not None else f"by replaying {self.batch - segment} batches"
+            print(f"dali loader: epoch {epoch} resumes at batch {self.batch} {how}")
+        while self.batch < steps:
+            self._segment = segment
+            pipe, it, restored = self._start(epoch, segment, order, checkpoint)
+            checkpoint, failed = None, None
+            b = self.batch if restored else segment
+            self._it = it
+            try:
+                while self.batch < steps:
+                    try:
+                        out = next(it)[0]
+                    except StopIteration:
+                        raise ShardError(f"rank {self.env.rank}: DALI ran out of samples at batch {b} of epoch {epoch}")
+                    except RuntimeError as exc:
+                        failed = exc
+                        break
+                    if b < self.batch:  # replaying a resumed epoch: same seeds, so the kept batches are exact
+                        b += 1
+                        continue
+                    batch = self._to_batch(out)
+                    batch.num_bad = int(order.replaced[b * b_size : (b + 1) * b_size].sum())
+                    if batch.num_bad:
+                        batch.bad_example = self._describe_bad(order, b)
+                        self.bad_samples += batch.num_bad
+                        self.last_bad = batch.bad_example
+                    b += 1
+                    self.batch += 1
+                    yield batch
+            finally:
+                self._it = None
+                del it, pipe
+            if failed is not None:
+                order = self._replace_undecodable(failed, epoch, b, order)
+                segment = b
+
+    def _describe_bad(self, order: RankOrder, b: int) -> str:
+        lo = b * self.batch_size
+        p = next(p for p in range(lo, lo + self.batch_size) if order.replaced[p])
+        s, i, why = order.origin[p]
+        return f"{self.shards[s].url} sample {i}: {why}"
+
+    def _replace_undecodable(self, exc: RuntimeError, epoch: int, b: int, order: RankOrder) -> RankOrder:
+        """After the pipeline failed at batch ``b``: find the images of that batch that do not decode, remember them
+        and return the epoch's order with them replaced; anything else is raised as a :class:`ShardError`."""
+        msg = str(exc)
+        detail = next((ln for ln in reversed(msg.strip().splitlines()) if ln.strip() and "no longer valid" not in ln),
+                      "")
+        where = f"rank {self.env.rank}, epoch {epoch}, batch {b}"
+        if "decoders.image" not in msg:
+            m = _SOURCE_INFO.search(msg)
+            shard = m.group("shard") if m else next((u for u in self.paths if u in msg), "a shard of this batch")
+            raise ShardError(f"{where}: DALI could not read {shard}: {detail}") from exc
+        lo = b * self.batch_size
+        sources = list(dict.fromkeys(zip(order.shard[lo : lo + self.batch_size].tolist(),
+                                         order.sample[lo : lo + self.batch_size].tolist())))
+        blobs = [self._image_bytes(s, i) for s, i in sources]
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else self.env.local_rank) if gpu else None
+        bad = [sources[k] for k in undecodable(blobs, device_id)]
+        if not bad:
+            raise ShardError(f"{where}: DALI failed on this batch, yet each of its images decodes on its own: "
+                             f"{detail}") from exc
+        for s, i in bad:
+            self._found.setdefault(s, set()).add(i)
+            name = self.entries.get(self.shards[s]).image_member(i)[2]
+            print(f"dali loader: {where}: {self.shards[s].url} sample {i} ({name}): {UNDECODABLE}; it counts as a "
+                  f"bad sample and is replaced for the rest of the run")
+        return self.rank_order(epoch)
+
+    def _image_bytes(self, s: int, i: int) -> bytes:
+        ref = self.shards[s]
+        off, size, _ = self.entries.get(ref).image_member(i)
+        with open(ref.url, "rb") as f:
+            f.seek(off)
+            return f.read(size)
+
+    def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
+        views = [out[f"view{i}"].to(self.device, non_blocking=True) for i in range(len(self.recipe.views))]
         keys = [_key_of(s) for s in _strings(out["source_info"])]
-        b = len(keys)
-        if self.with_label:
-            labels = torch.tensor([int(s) if s.strip() else -1 for s in _strings(out["label"])], dtype=torch.long)
-        else:
-            labels = torch.full((b,), -1, dtype=torch.long)
-        texts = _strings(out["text"]) if self.with_text else None
+        labels = torch.full((len(keys),), -1, dtype=torch.long)
+        if "label" in out:
+            raw = _strings(out["label"])
+            if self.label_key.startswith("json:"):
+                vals = [_json_field(r, self.label_key[5:]) for r in raw]
+            else:
+                vals = [r.strip() for r in raw]
+            labels = torch.tensor([int(v) if _is_int(v) else -1 for v in vals], dtype=torch.long)
+        texts = None
+        if "text" in out:
+            raw = _strings(out["text"])
+            if self.text_key.startswith("json:"):
+                texts = [str(_json_field(r, self.text_key[5:]) or "") for r in raw]
+            else:
+                texts = raw
         return Batch(views, labels.to(self.device, non_blocking=True), texts, keys)
 
-    def _decode_error(self, exc: RuntimeError, epoch: int, batch: int) -> ShardError:
-        """Name the shard and key of an image DALI could not decode: from DALI's message when it gives the
-        sample, else by checking the image headers of the shards (only on this error path)."""
-        msg = str(exc)
-        bad = [f"{m.group('shard')}:{_key_of(m.group(0))}" for m in _SOURCE_INFO.finditer(msg)]
-        if not bad:
-            bad = find_undecodable(self.index, self.image_exts)
-        where = ", ".join(dict.fromkeys(bad)) or "(not found by a header check: see DALI's message below)"
-        first = msg.strip().splitlines()
-        detail = next((ln for ln in reversed(first) if ln.strip() and "no longer valid" not in ln), "")
-        return ShardError(
-            f"rank {self.env.rank}, epoch {epoch}, batch {batch}: DALI could not decode the image of {where}. "
-            f"DALI cannot drop one sample from a batch, so bad images must leave the shards: rewrite them with "
-            f"`pipeline shards write` (it decode-checks every image) or use loader.backend=torch to locate more. "
-            f"DALI said: {detail}"
-        )
 
-
-def find_undecodable(index: list[ShardIndex], exts: list[str], limit: int = 10) -> list[str]:
-    """``shard:key`` of images whose header PIL cannot identify (garbage, empty or mislabelled files)."""
-    from PIL import Image, UnidentifiedImageError
-
-    bad: list[str] = []
-    for shard in index:
-        with open(shard.index) as f, open(shard.tar, "rb") as tar:
-            f.readline()
-            for line in f:
-                parts = line.split()
-                for i in range(0, len(parts), 4):
-                    ext, offset, size, name = parts[i : i + 4]
-                    if ext not in exts:
-                        continue
-                    tar.seek(int(offset))
-                    data = tar.read(int(size))
-                    try:
-                        import io
-
-                        Image.open(io.BytesIO(data))
-                    except (UnidentifiedImageError, OSError, ValueError):
-                        bad.append(f"{shard.tar}:{_key_of(name)}")
-                        if len(bad) >= limit:
-                            return bad
-    return bad
+def _is_int(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    try:
+        int(str(v))
+        return True
+    except ValueError:
+        return False
 
 
 def render_arrays(view: ViewSpec, images: list[np.ndarray], seed: int = 0, num_threads: int = 1) -> np.ndarray:

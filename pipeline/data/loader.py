@@ -30,6 +30,11 @@ class Batch:
     keys: list[str] | None = None
     tokens: torch.Tensor | None = None
     """Text token ids (B x L) when a method tokenizes captions in the loader."""
+    num_bad: int = 0
+    """Samples of this batch that were bad (undecodable, lost to a damaged shard ...) and were replaced by other
+    samples of the batch or its neighbourhood; the batch keeps its size."""
+    bad_example: str | None = None
+    """What was wrong with one of them (for the error when ``data.max_bad_fraction`` is exceeded)."""
 
     @property
     def size(self) -> int:
@@ -39,7 +44,8 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return Batch([move(v) for v in self.views], move(self.labels), self.texts, self.keys, move(self.tokens))
+        return Batch([move(v) for v in self.views], move(self.labels), self.texts, self.keys, move(self.tokens),
+                     self.num_bad, self.bad_example)
 
 
 class Loader(Protocol):

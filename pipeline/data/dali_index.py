@@ -1,0 +1,330 @@
+"""DALI index files: what DALI's webdataset reader is told to read, checked against the tars, and cut to the epoch
+plan.
+
+DALI's ``fn.readers.webdataset`` reads a sample's members at the offsets and sizes its index file gives and never
+looks at the tar headers. It checks only that an offset lies inside the file, and by default reads through a
+memory map: an entry whose member runs past the end of the file (a tar truncated or rewritten after its index was
+written) makes the decoder read past the mapping and the process die of SIGSEGV with no message. An index that no
+longer describes its tar (a shard rewritten in place, a region overwritten) feeds the decoder whatever bytes now
+sit at those offsets. So before a shard is read, :func:`read_entries` checks every entry the loader will use
+against the file: inside it, and pointing at a valid tar header (checksum, size, name) of the member it names.
+Samples that fail are *bad samples* (counted and replaced, like images that do not decode), never a crash.
+
+The epoch plan (:mod:`pipeline.data.plan`) gives each rank contiguous spans of shards. :class:`RankOrder` lays a
+rank's spans out as positions, shuffles each span in blocks of ``loader.shuffle_buffer`` samples, replaces bad
+samples by another sample of the same batch, and writes one small derived index file per run of positions in
+the same shard, so the reader reads exactly this rank's samples in a known order (``random_shuffle`` off): batch
+``b`` of the epoch is positions ``b*B .. (b+1)*B - 1``. Knowing the order is what lets the loader find, replace
+and count an image that does not decode, and restart the pipeline at the same batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.shards import ShardError
+
+TAR_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard as DALI opens it: ``url`` (a local path or an ``s3://`` URL), its DALI ``index`` file (local),
+    ``count`` samples (what the epoch plan counts) and ``size`` in bytes when known."""
+
+    url: str
+    index: str
+    count: int
+    size: int | None = None
+
+    @property
+    def local(self) -> bool:
+        return "://" not in self.url
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which members a sample must or may have, by extension: the image (the first of ``image_exts`` present),
+    the label member and the caption member (``cls``, ``txt`` or ``json``; None when not read)."""
+
+    image_exts: tuple[str, ...]
+    label_ext: str | None = None
+    text_ext: str | None = None
+    require_text: bool = False
+
+    @property
+    def reader_exts(self) -> list[str]:
+        """The ``ext`` argument of the reader: one entry per output (image, then label, then caption)."""
+        return [";".join(self.image_exts)] + [e for e in (self.label_ext, self.text_ext) if e]
+
+
+@dataclass
+class Entries:
+    """One shard's samples, each reduced to the members the loader reads (``"ext offset size name"`` each, the
+    image first), and the samples that cannot be read with the reason (no image, or a header check failed)."""
+
+    shard: ShardRef
+    lines: list[str]
+    bad: dict[int, str] = field(default_factory=dict)
+
+    def image_member(self, sample: int) -> tuple[int, int, str]:
+        """(offset, size, member name) of the sample's image."""
+        parts = self.lines[sample].split()
+        return int(parts[1]), int(parts[2]), parts[3]
+
+
+def _header_ok(block: bytes, size: int, name: str | None) -> str | None:
+    """Why the 512-byte tar header ``block`` does not describe a member of ``size`` bytes named ``name`` (None
+    when it does)."""
+    if len(block) < TAR_BLOCK or not block.strip(b"\0"):
+        return "no tar header before it (zeroed or overwritten)"
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return "a damaged tar header (checksum field)"
+    if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+        return "a damaged tar header (checksum mismatch)"
+    raw = block[124:136]
+    if raw[0] & 0x80:  # GNU base-256 size for members >= 8 GiB
+        hsize = int.from_bytes(raw[1:], "big")
+    else:
+        try:
+            hsize = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return "a damaged tar header (size field)"
+    if hsize != size:
+        return f"the tar header says {hsize} bytes, the index {size}"
+    if name and len(name) < 100:  # longer names live in GNU/pax extension records before this header
+        hname = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
+            hname = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + hname
+        if hname != name:
+            return f"the tar header names {hname!r}"
+    return None
+
+
+def read_entries(shard: ShardRef, fields: Fields, check: bool = True) -> Entries:
+    """Parse ``shard.index`` (DALI format v1.0-v1.2) into :class:`Entries`; with ``check`` (local shards) every
+    kept member is checked against the tar: inside the file and behind a tar header that matches it."""
+    try:
+        with open(shard.index) as f:
+            header = f.readline().split()
+            raw = f.read().splitlines()
+    except OSError as exc:
+        raise ShardError(f"cannot read the DALI index {shard.index} of {shard.url}: {exc}") from exc
+    if len(header) != 2 or not header[0].startswith("v1."):
+        raise ShardError(f"{shard.index} is not a DALI webdataset index (header {' '.join(header)!r}); "
+                         f"recreate it with: pipeline shards index {shard.url}")
+    per = 4 if header[0] == "v1.2" else 3
+    wanted = {*fields.image_exts, fields.label_ext, fields.text_ext} - {None}
+    lines: list[str] = []
+    bad: dict[int, str] = {}
+    members: list[list[tuple[int, int, str | None]]] = []
+    for sample, line in enumerate(raw[: shard.count]):
+        parts = line.split()
+        comps = {}
+        for i in range(0, len(parts) - per + 1, per):
+            ext = parts[i]
+            if ext in wanted and ext not in comps:  # older formats have no member names: make one up
+                comps[ext] = parts[i : i + per] if per == 4 else [*parts[i : i + 3], f"{sample:09d}.{ext}"]
+        image = next((comps[e] for e in fields.image_exts if e in comps), None)
+        kept = [image] if image else []
+        for ext in dict.fromkeys(e for e in (fields.label_ext, fields.text_ext) if e):
+            if ext in comps:
+                kept.append(comps[ext])
+        if image is None:
+            bad[sample] = f"no {'/'.join(fields.image_exts)} member"
+        elif fields.require_text and fields.text_ext not in comps:
+            bad[sample] = f"no {fields.text_ext} member (the recipe needs captions)"
+        lines.append(" ".join(" ".join(c) for c in kept))
+        members.append([(int(c[1]), int(c[2]), c[3] if per == 4 else None) for c in kept])
+    for sample in range(len(lines), shard.count):
+        bad[sample] = f"not in the index {shard.index} ({len(lines)} samples)"
+        lines.append("")
+    if check and shard.local:
+        bad.update(_check_members(shard, members, bad))
+    elif shard.size is not None:
+        bad.update({s: _past_end(shard.size) for s, ms in enumerate(members)
+                    if s not in bad and any(off + size > shard.size for off, size, _ in ms)})
+    return Entries(shard, lines, bad)
+
+
+def _past_end(size: int) -> str:
+    return f"its member runs past the end of the file ({size} bytes): truncated or rewritten after its index"
+
+
+def _check_members(shard: ShardRef, members: list[list[tuple[int, int, str | None]]],
+                   skip: dict[int, str]) -> dict[int, str]:
+    bad: dict[int, str] = {}
+    try:
+        fd = os.open(shard.url, os.O_RDONLY)
+    except OSError as exc:
+        raise ShardError(f"cannot open shard {shard.url}: {exc}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        for sample, ms in enumerate(members):
+            if sample in skip:
+                continue
+            for off, n, name in ms:
+                if off < TAR_BLOCK or off + n > size:
+                    bad[sample] = _past_end(size)
+                    break
+                why = _header_ok(os.pread(fd, TAR_BLOCK, off - TAR_BLOCK), n, name)
+                if why:
+                    bad[sample] = f"{name or 'member'} at offset {off}: {why}"
+                    break
+    finally:
+        os.close(fd)
+    return bad
+
+
+class EntryCache:
+    """Parsed and checked :class:`Entries` of recently used shards; the header check of a local shard is done once
+    per process for as long as the file keeps its size and modification time."""
+
+    def __init__(self, fields: Fields, keep: int = 8) -> None:
+        self.fields, self.keep = fields, keep
+        self._recent: OrderedDict[str, Entries] = OrderedDict()
+        self._checked: dict[str, tuple[tuple[int, int], dict[int, str]]] = {}
+
+    def get(self, shard: ShardRef) -> Entries:
+        hit = self._recent.get(shard.url)
+        if hit is not None:
+            self._recent.move_to_end(shard.url)
+            return hit
+        sig = None
+        if shard.local:
+            try:
+                st = os.stat(shard.url)
+            except OSError as exc:
+                raise ShardError(f"shard {shard.url} is missing: {exc}") from exc
+            sig = (st.st_size, st.st_mtime_ns)
+        known = self._checked.get(shard.url)
+        if known is not None and known[0] == sig:
+            entries = read_entries(shard, self.fields, check=False)
+            entries.bad = dict(known[1])
+        else:
+            entries = read_entries(shard, self.fields, check=True)
+            if sig is not None:
+                self._checked[shard.url] = (sig, dict(entries.bad))
+        self._recent[shard.url] = entries
+        if len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+        return entries
+
+    def bad(self, shard: ShardRef) -> dict[int, str]:
+        known = self._checked.get(shard.url)
+        if known is not None:
+            return known[1]
+        return self.get(shard).bad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One rank's epoch as positions
+
+
+@dataclass
+class RankOrder:
+    """A rank's samples of one epoch in reading order: position ``p`` reads sample ``sample[p]`` of shard
+    ``shard[p]`` (an index into the loader's shard list); ``replaced[p]`` marks a bad sample replaced by another
+    sample of its batch (``origin`` keeps what the plan had there, for messages)."""
+
+    shard: np.ndarray
+    sample: np.ndarray
+    replaced: np.ndarray
+    origin: dict[int, tuple[int, int, str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+def block_shuffled(spans: list[tuple[int, int, int]], block: int, rng: np.random.Generator | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``spans`` (shard, start, stop) laid end to end, each span shuffled in blocks of ``block``
+    samples (no shuffle when ``rng`` is None)."""
+    total = sum(stop - start for _, start, stop in spans)
+    shard = np.empty(total, dtype=np.int64)
+    sample = np.empty(total, dtype=np.int64)
+    pos = 0
+    for s, start, stop in spans:
+        n = stop - start
+        shard[pos : pos + n] = s
+        ids = np.arange(start, stop, dtype=np.int64)
+        if rng is not None and block > 1:
+            for lo in range(0, n, block):
+                ids[lo : lo + block] = rng.permutation(ids[lo : lo + block])
+        sample[pos : pos + n] = ids
+        pos += n
+    return shard, sample
+
+
+def replace_bad(shard: np.ndarray, sample: np.ndarray, bad: dict[int, dict[int, str]], batch_size: int,
+                names: list[str]) -> RankOrder:
+    """Replace every position whose sample is in ``bad`` (shard -> sample -> reason) by the nearest good sample of
+    the same batch, from the same shard if the batch has one (one run less in the derived index); a batch with no
+    good sample takes the nearest good one outside it. Raises when no position is readable."""
+    shard, sample = shard.copy(), sample.copy()
+    replaced = np.zeros(len(shard), dtype=bool)
+    for s, samples in bad.items():
+        if samples:
+            ids = np.fromiter(samples, dtype=np.int64, count=len(samples))
+            replaced |= (shard == s) & np.isin(sample, ids)
+    origin: dict[int, tuple[int, int, str]] = {}
+    if not replaced.any():
+        return RankOrder(shard, sample, replaced, origin)
+    good = np.flatnonzero(~replaced)
+    if len(good) == 0:
+        p = int(np.flatnonzero(replaced)[0])
+        raise ShardError(f"no readable sample in this rank's share of the epoch; e.g. {names[shard[p]]} sample "
+                         f"{sample[p]}: {bad[int(shard[p])][int(sample[p])]}")
+    for p in np.flatnonzero(replaced):
+        p = int(p)
+        lo, hi = p - p % batch_size, min(len(shard), p - p % batch_size + batch_size)
+        cands = lo + np.flatnonzero(~replaced[lo:hi])
+        if len(cands):
+            same = cands[shard[cands] == shard[p]]
+            pool = same if len(same) else cands
+        else:
+            pool = good
+        q = int(pool[np.argmin(np.abs(pool - p))])
+        origin[p] = (int(shard[p]), int(sample[p]), bad[int(shard[p])][int(sample[p])])
+        shard[p], sample[p] = shard[q], sample[q]
+    return RankOrder(shard, sample, replaced, origin)
+
+
+def runs(order: RankOrder, first: int) -> list[tuple[int, np.ndarray]]:
+    """Positions ``first ..`` of ``order`` as runs of consecutive positions in the same shard: (shard, samples)."""
+    shard, sample = order.shard[first:], order.sample[first:]
+    if not len(shard):
+        return []
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [len(shard)]])
+    return [(int(shard[a]), sample[a:b]) for a, b in zip(starts, stops)]
+
+
+def write_run_indexes(run_list: list[tuple[int, np.ndarray]], shards: list[ShardRef], cache: EntryCache,
+                      folder: Path) -> list[str]:
+    """One derived index file per run (the run's samples, in order, from the shard's checked entries), named by
+    content so a rebuild at the same epoch reuses the files of runs it did not change. Returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s, samples in run_list:
+        ref = shards[s]
+        digest = hashlib.sha1(ref.url.encode() + b"\0" + ref.index.encode() + b"\0" + samples.tobytes()).hexdigest()
+        path = folder / f"{digest[:20]}.idx"
+        if not path.exists():
+            lines = cache.get(ref).lines
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                f.write(f"v1.2 {len(samples)}\n")
+                f.writelines(lines[i] + "\n" for i in samples.tolist())
+            os.replace(tmp, path)
+        out.append(str(path))
+    return out
