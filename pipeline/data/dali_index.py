@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,14 +310,14 @@ def runs(order: RankOrder, first: int) -> list[tuple[int, np.ndarray]]:
     return [(int(shard[a]), sample[a:b]) for a, b in zip(starts, stops)]
 
 
-def write_run_indexes(run_list: list[tuple[int, np.ndarray]], shards: list[ShardRef], cache: EntryCache,
+def write_run_indexes(run_list: list[tuple[int, np.ndarray]], ref_of: Callable[[int], ShardRef], cache: EntryCache,
                       folder: Path) -> list[str]:
     """One derived index file per run (the run's samples, in order, from the shard's checked entries), named by
     content so a rebuild at the same epoch reuses the files of runs it did not change. Returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for s, samples in run_list:
-        ref = shards[s]
+        ref = ref_of(s)
         digest = hashlib.sha1(ref.url.encode() + b"\0" + ref.index.encode() + b"\0" + samples.tobytes()).hexdigest()
         path = folder / f"{digest[:20]}.idx"
         if not path.exists():

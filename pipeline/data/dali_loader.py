@@ -1,40 +1,58 @@
-"""The DALI backend: WebDataset shards -> ``fn.readers.webdataset`` -> decode (``mixed`` on a GPU, ``cpu``
-without one) -> the recipe's views rendered as DALI ops -> ``DALIGenericIterator`` -> :class:`Batch`.
+"""The DALI backend: WebDataset shards -> DALI (decode ``mixed`` on a GPU, ``cpu`` without one; the recipe's views
+rendered as DALI ops) -> ``DALIGenericIterator`` -> :class:`Batch`, from any source :mod:`pipeline.data.sources`
+resolves.
 
-The epoch plan is the torch backend's (:mod:`pipeline.data.plan`): shard order seeded by ``(run.seed, epoch)``,
-one contiguous range of the stream per rank, ``steps_per_epoch`` batches on every rank. The reader is given
-exactly this rank's range, as derived index files (:mod:`pipeline.data.dali_index`), in an order the loader
-knows: each shard's piece of the range shuffled in blocks of ``loader.shuffle_buffer`` samples (seeded by seed,
-epoch and rank), the reader's own shuffle off. Augmentation draws come from DALI's per-operator generators,
-seeded by (seed, epoch, rank, first batch of the pipeline).
+Where the bytes come from (``loader.dali_reader``, logged once at start):
 
-Bad samples are counted, not fatal. A sample whose members fail the check against the tar (past the end of the
-file, no matching tar header: a damaged or rewritten shard), or that has no image, is replaced before the reader
-sees it. An image that does not decode stops DALI's pipeline (DALI decodes a batch at a time and cannot ask the
-reader for another sample, NVIDIA/DALI#3913): the loader decodes that batch's images one by one to find the bad
-ones, replaces them by another sample of the same batch, and rebuilds the pipeline at that batch; they stay
-replaced for the rest of the run. ``bad_samples`` counts replaced samples in the batches this rank yielded.
+- ``native``: DALI's ``fn.readers.webdataset`` reads the shards itself through index files: local files, and
+  ``s3://`` through DALI's AWS SDK (``AWS_ENDPOINT_URL`` and the usual AWS settings; one ranged GET per member,
+  one after the other). Index files of remote shards are local (``data.cache_dir``).
+- ``stream``: a reader thread streams each shard whole (one GET per remote shard, :mod:`pipeline.data.storage`,
+  with the torch backend's retries and damaged-tar handling) and hands the members to DALI's
+  ``fn.external_source``; decode and augmentation stay in DALI. The only way for ``http(s)://`` and ``pipe:``.
+- ``auto``: native for local shards, stream for remote ones.
 
-Resume is exact: each rank saves DALI's own checkpoint of its pipeline (reader position and generator states,
-from ``DALIGenericIterator.checkpoints()``), the first batch of that pipeline and the images it found undecodable;
-a resume on the same number of ranks rebuilds the same pipeline and restores it. Without a usable DALI checkpoint
-the pipeline is rebuilt and its first batches are decoded again and discarded (still exact).
+The epoch plan is the torch backend's (:func:`pipeline.data.plan.epoch_spans`, weighted mixtures included): shard
+order seeded by ``(run.seed, epoch)``, one contiguous range of the stream per rank, ``steps_per_epoch`` batches on
+every rank. Each rank reads exactly its range, in an order the loader knows: each span shuffled in blocks of
+``loader.shuffle_buffer`` samples (seeded by seed, epoch and rank); the native reader gets it as derived index
+files (:mod:`pipeline.data.dali_index`), with the reader's own shuffle off. Augmentation draws come from DALI's
+per-operator generators, seeded by (seed, epoch, rank, first batch of the pipeline).
+
+Bad samples are counted, not fatal. A sample whose members fail the check against the tar (native: past the end
+of the file, no matching tar header), that a damaged shard lost (stream), or that has no image is replaced by
+another sample of its batch. An image that does not decode stops DALI's pipeline (DALI decodes a batch at a time
+and cannot ask the reader for another sample, NVIDIA/DALI#3913): the loader decodes that batch's images one by
+one to find the bad ones, replaces them the same way and rebuilds the pipeline at that batch; they stay replaced
+for the rest of the run. ``Batch.num_bad`` and ``bad_samples`` count replaced samples (the trainer reports and
+bounds them, ``data.max_bad_fraction``).
+
+Resume is exact: each rank saves DALI's own checkpoint of its pipeline (reader position or external source
+iteration, and generator states, from ``DALIGenericIterator.checkpoints()``), the first batch of that pipeline
+and the images it found undecodable; a resume on the same number of ranks rebuilds the same pipeline and
+restores it. Without a usable DALI checkpoint the pipeline is rebuilt and its first batches are decoded again
+and discarded (still exact).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
+from pipeline.data import storage
 from pipeline.data.dali_index import (
     EntryCache,
     Fields,
@@ -46,41 +64,15 @@ from pipeline.data.dali_index import (
     write_run_indexes,
 )
 from pipeline.data.loader import Batch, LoaderPosition
-from pipeline.data.plan import plan_range, rank_range, shard_order, steps_per_epoch
+from pipeline.data.plan import Span, epoch_samples, epoch_spans, plan_range, rank_range, steps_per_epoch
 from pipeline.data.recipes import Recipe, ViewSpec
-from pipeline.data.shards import ShardError, open_shards, write_dali_index
+from pipeline.data.shards import ShardError
+from pipeline.data.sources import IMAGE_EXTS, DataSource, cache_index_path, index_shard, resolve_for_job
+from pipeline.data.storage import RetryPolicy
 from pipeline.distributed import DistEnv
 
 _SOURCE_INFO = re.compile(r"(?P<shard>[^\s:'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 UNDECODABLE = "the image does not decode"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Index files next to local shards
-
-
-def index_command(tar: Path, index: Path) -> str:
-    return f"wds2idx {tar} {index}"
-
-
-def ensure_index(tar: Path, index: Path, expected: int | None = None) -> None:
-    """Write ``index`` for ``tar`` if it is missing or does not match the manifest's sample count."""
-    if index.is_file():
-        with open(index) as f:
-            header = f.readline().split()
-        if len(header) == 2 and (expected is None or int(header[1]) == expected):
-            return
-        reason = f"index {index} does not match {tar} (header {' '.join(header)!r}, manifest: {expected} samples)"
-    else:
-        reason = f"index file {index} is missing"
-    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")  # ranks may write the same index at once
-    try:
-        write_dali_index(tar, tmp)
-        os.replace(tmp, index)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ShardError(f"{reason} and cannot be written ({exc}); create it with: {index_command(tar, index)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,35 +148,52 @@ def _solarize_sometimes(out, prob: float):
     return out
 
 
+def _graph_tail(recipe: Recipe, encoded, info, extra: list, gpu: bool) -> tuple:
+    from nvidia.dali import fn, types
+
+    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    views = [render_dali(v, images) for v in recipe.views]
+    return (*views, fn.pad(info, fill_value=0), *[fn.pad(f, fill_value=0) for f in extra])
 
 
 def dali_pipeline(
     recipe: Recipe, *, paths: list[str], index_paths: list[str], fields: Fields, batch_size: int, num_threads: int,
     device_id: int | None, seed: int, prefetch: int, checkpoint: bytes | None = None,
 ):
-    """Build (not start) the DALI pipeline reading ``paths`` through ``index_paths`` in order, restored from
+    """Build (not start) the native pipeline reading ``paths`` through ``index_paths`` in order, restored from
     ``checkpoint`` (``Pipeline.checkpoint()`` of the same graph) if given. Outputs: one tensor per view,
     ``source_info`` bytes (``shard.tar:offset:member``, zero padded), then the label and caption member bytes when
     read."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    gpu = device_id is not None
+    from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def graph():
         # dont_use_mmap: a member past the end of a file (a shard truncated while the run reads it) then fails a
         # read with an error naming the file, where through a memory map it would crash the process
-        fields_out = fn.readers.webdataset(
+        outs = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=fields.reader_exts, missing_component_behavior="empty",
             random_shuffle=False, dont_use_mmap=True, name="reader",
         )
-        outs = fields_out if isinstance(fields_out, (list, tuple)) else [fields_out]
-        encoded = outs[0]
-        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        views = [render_dali(v, images) for v in recipe.views]
-        meta = [fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)]
-        meta += [fn.pad(f, fill_value=0) for f in outs[1:]]
-        return (*views, *meta)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return _graph_tail(recipe, outs[0], fn.get_property(outs[0], key="source_info"), list(outs[1:]),
+                           device_id is not None)
+
+    return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                 prefetch_queue_depth=prefetch, exec_dynamic=True, checkpoint=checkpoint)
+
+
+def fed_pipeline(recipe: Recipe, *, source, num_extra: int, batch_size: int, num_threads: int,
+                 device_id: int | None, seed: int, prefetch: int, checkpoint: bytes | None = None):
+    """The same graph fed by ``source(batch_info)`` (``fn.external_source``): per batch, the encoded images, the
+    sample names and ``num_extra`` more byte arrays (label, caption). A source that takes ``BatchInfo`` is part of
+    DALI's checkpoint: a restored pipeline asks it for the batches after the checkpoint."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
+    def graph():
+        outs = fn.external_source(source=source, num_outputs=2 + num_extra, batch=True, batch_info=True,
+                                  dtype=[types.UINT8] * (2 + num_extra))
+        return _graph_tail(recipe, outs[0], outs[1], list(outs[2:]), device_id is not None)
 
     return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=prefetch, exec_dynamic=True, checkpoint=checkpoint)
@@ -200,18 +209,17 @@ def undecodable(blobs: list[bytes], device_id: int | None) -> list[int]:
         return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8),
                                  device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
 
-    bad, i, pipe = [], 0, None
-    while i < len(blobs):
+    bad, pipe = [], None
+    for i, blob in enumerate(blobs):
         if pipe is None:
             pipe = graph()
             pipe.build()
-        pipe.feed_input("encoded", [np.frombuffer(blobs[i], dtype=np.uint8)])
+        pipe.feed_input("encoded", [np.frombuffer(blob, dtype=np.uint8)])
         try:
             pipe.run()
         except RuntimeError:
             bad.append(i)
             pipe = None
-        i += 1
     return bad
 
 
@@ -227,6 +235,145 @@ def _key_of(source_info: str) -> str:
     return member[: len(member) - len(base)] + base.split(".", 1)[0]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The stream reader
+
+
+_EMPTY = np.zeros(0, dtype=np.uint8)
+
+
+class _Feeder:
+    """Streams one epoch's positions of this rank, from batch ``first`` on, in a thread (each span's shard read
+    once from its start, one block of ``loader.shuffle_buffer`` samples held at a time, a few batches ahead) and
+    serves them to DALI's external source batch by batch, bad samples replaced."""
+
+    def __init__(self, loader: DaliLoader, epoch: int, order: RankOrder, spans: list[tuple[int, int, int]],
+                 first: int, depth: int) -> None:
+        self.loader, self.order, self.first = loader, order, first
+        self.batches: dict[int, list] = {}  # batch -> [(shard, sample, item)] as read, kept until yielded
+        self.info: dict[int, tuple[int, str | None, list]] = {}  # batch -> (bad count, example, served sources)
+        self.pipeline_first = first  # the batch the running pipeline's iteration 0 is
+        self.next = first  # the next batch the thread will hand over
+        self.q: queue.Queue = queue.Queue(maxsize=max(2, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(spans,), daemon=True, name=f"dali-stream-e{epoch}")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def _put(self, item: tuple) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, spans: list[tuple[int, int, int]]) -> None:
+        from pipeline.data.torch_loader import iter_span_samples
+
+        ld, b_size = self.loader, self.loader.batch_size
+        block = ld.shuffle_buffer if ld.shuffle and ld.shuffle_buffer > 1 else 1 << 62
+        start_pos, pos, pending = self.first * b_size, 0, []
+        try:
+            for s, lo, hi in spans:
+                n = hi - lo
+                if pos + n <= start_pos:
+                    pos += n
+                    continue
+                skip = max(0, start_pos - pos) // block * block  # whole blocks before the first position
+                url = ld.source.shards[s].url
+                items = iter_span_samples(Span(url, lo + skip, hi), ld.policy)
+                for blk in range(lo + skip, hi, block):
+                    got = [next(items) for _ in range(min(block, hi - blk))]
+                    base = pos + blk - lo
+                    for p in range(max(base, start_pos), base + len(got)):
+                        sample = int(self.order.sample[p])
+                        pending.append((s, sample, got[sample - blk]))
+                        if len(pending) == b_size:
+                            if not self._put(("batch", pending)):
+                                return
+                            pending = []
+                pos += n
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 handed to the consumer, which raises it
+            self._put(("error", exc))
+
+    def _read(self, b: int) -> list:
+        while self.next <= b:
+            kind, x = self.q.get()
+            if kind == "error":
+                raise x
+            if kind == "end":
+                raise ShardError(f"rank {self.loader.env.rank}: the stream ended before batch {b}")
+            self.batches[self.next] = x
+            self.next += 1
+        return self.batches[b]
+
+    def forget_before(self, b: int) -> None:
+        """Drop what batches before ``b`` (already yielded) kept."""
+        for k in [k for k in self.batches if k < b]:
+            del self.batches[k]
+        for k in [k for k in self.info if k < b]:
+            del self.info[k]
+
+    def __call__(self, info) -> list[list[np.ndarray]]:
+        """The external source: batch ``pipeline_first + info.iteration``."""
+        b = self.pipeline_first + info.iteration
+        if b >= self.loader.steps_per_epoch:  # DALI prefetching past the epoch's end: never yielded
+            return self._last
+        self._last = self.serve(b)
+        return self._last
+
+    def serve(self, b: int) -> list[list[np.ndarray]]:
+        ld = self.loader
+        items = self._read(b)
+        bad: dict[int, str] = {}
+        for k, (s, sample, item) in enumerate(items):
+            why = ld.sample_problem(s, sample, item)
+            if why:
+                bad[k] = why
+        shard = np.array([s for s, _, _ in items])
+        slot = np.arange(len(items))
+        if bad:
+            by_shard = {s: {k: why for k, why in bad.items() if shard[k] == s} for s in {int(shard[k]) for k in bad}}
+            try:
+                order = replace_bad(shard, slot, by_shard, len(items), ld.paths)
+            except ShardError as exc:
+                raise ShardError(f"rank {ld.env.rank}: no sample of batch {b} can be read ({exc})") from exc
+            slot = order.sample
+            s0, k0, why0 = next(iter(order.origin.values()))
+            example = f"{ld.paths[s0]} sample {items[k0][1]}: {why0}"
+        else:
+            example = None
+        self.info[b] = (len(bad), example, [(items[k][0], items[k][1]) for k in slot.tolist()])
+        cols: list[list[np.ndarray]] = [[] for _ in range(2 + (ld.fields.label_ext is not None)
+                                                           + (ld.fields.text_ext is not None))]
+        for k in slot.tolist():
+            s, sample, item = items[k]
+            image = next(e for e in ld.fields.image_exts if e in item)
+            cols[0].append(np.frombuffer(item[image], dtype=np.uint8))
+            cols[1].append(np.frombuffer(f"{item.get('__key__', sample)}.{image}".encode(), dtype=np.uint8))
+            c = 2
+            for ext in (ld.fields.label_ext, ld.fields.text_ext):
+                if ext is None:
+                    continue
+                raw = item.get(ext)
+                cols[c].append(np.frombuffer(raw, dtype=np.uint8) if raw else _EMPTY)
+                c += 1
+        return cols
+
+    def image_bytes(self, b: int) -> list[tuple[int, int, bytes]]:
+        """(shard, sample, image bytes) of every distinct sample served as batch ``b``."""
+        items = {(s, sample): item for s, sample, item in self._read(b)}
+        out = []
+        for s, sample in dict.fromkeys(self.info[b][2]):
+            item = items[(s, sample)]
+            image = next(e for e in self.loader.fields.image_exts if e in item)
+            out.append((s, sample, item[image]))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,9 +385,7 @@ def _field_ext(key: str) -> str:
     return "json" if key.startswith("json:") else key
 
 
-def _json_field(raw: str, path: str):
-    import json
-
+def _json_field(raw: str, path: str) -> Any:
     try:
         value = json.loads(raw) if raw.strip() else None
     except json.JSONDecodeError:
@@ -250,62 +395,87 @@ def _json_field(raw: str, path: str):
     return value
 
 
+def _as_label(value: Any) -> int:
+    if isinstance(value, bool) or value is None:
+        return -1
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return -1
+
+
+def dali_reader_mode(cfg: Config, source: DataSource) -> str:
+    """``native`` or ``stream`` for ``source`` under ``loader.dali_reader`` (see :mod:`pipeline.data.dali_loader`)."""
+    schemes = {storage.scheme_of(url) for url in source.paths}
+    if cfg.loader.dali_reader == "native":
+        if not schemes <= {"", "file", "s3"}:
+            raise ConfigError(f"loader.dali_reader=native: DALI's reader opens local files and s3:// only, not "
+                              f"{', '.join(sorted(schemes - {'', 'file', 's3'}))}:// sources; use "
+                              f"loader.dali_reader=stream (or auto)")
+        return "native"
+    if cfg.loader.dali_reader == "stream":
+        return "stream"
+    return "native" if schemes <= {"", "file"} else "stream"
+
+
 class DaliLoader(LoaderPosition):
     """The DALI backend of the :class:`~pipeline.data.loader.Loader` protocol."""
 
-    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe, *, shards: str | None = None,
-                 shuffle: bool = True) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe, *, shards: Any = None,
+                 shuffle: bool = True, source: DataSource | None = None) -> None:
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as exc:
             raise ImportError("loader.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
                               "(or loader.backend=torch)") from exc
         self.env, self.device, self.recipe = env, device, recipe
-        source = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
-        self.root = source.root
-        fields = source.manifest.get("fields", [])
+        self.source = source or resolve_for_job(shards or cfg.data.train_shards, cfg.data)
+        where = self.source.describe()
+        self.cache_dir = cfg.data.cache_dir or None
+        self.policy = RetryPolicy(cfg.data.retries, cfg.data.retry_backoff_s)
+        self.mode = dali_reader_mode(cfg, self.source)
+        fields = self.source.fields
         if cfg.data.image_key == "auto":
-            image_exts = tuple(source.manifest.get("image_keys") or IMAGE_EXTS)
+            image_exts = IMAGE_EXTS
         else:
-            image_exts = tuple(cfg.data.image_key.split(";"))
+            image_exts = tuple(k.strip().lower() for k in cfg.data.image_key.split(";") if k.strip())
         if fields and not set(image_exts) & set(fields):
-            raise ShardError(f"shards in {self.root} have no {cfg.data.image_key!r} field (fields: {fields}); "
+            raise ShardError(f"shards in {where} have no {cfg.data.image_key!r} field (fields: {fields}); "
                              f"set data.image_key")
         self.label_key, self.text_key = cfg.data.label_key, cfg.data.text_key
         label_ext, text_ext = _field_ext(self.label_key), _field_ext(self.text_key)
-        self.with_label = not fields or label_ext in fields
-        self.with_text = recipe.with_text
-        if self.with_text and fields and text_ext not in fields:
-            raise ShardError(f"recipe {recipe.name!r} needs captions but {self.root} has no {text_ext} field")
-        self.fields = Fields(image_exts, label_ext if self.with_label else None, text_ext if self.with_text else None,
-                             require_text=self.with_text)
-        entries = source.manifest.get("shards", [])
-        self.shards: list[ShardRef] = []
-        for i, tar in enumerate(source.paths):
-            name = entries[i].get("index") if i < len(entries) else None
-            index = tar.parent / name if name else tar.with_suffix(".idx")
-            ensure_index(tar, index, source.counts[i])
-            self.shards.append(ShardRef(str(tar), str(index), source.counts[i], tar.stat().st_size))
-        self._shard_of = {ref.url: i for i, ref in enumerate(self.shards)}
-        self.num_samples = sum(ref.count for ref in self.shards)
+        with_label = not fields or label_ext in fields
+        if recipe.with_text and fields and text_ext not in fields:
+            raise ShardError(f"recipe {recipe.name!r} needs captions but {where} has no {text_ext} field")
+        self.fields = Fields(tuple(image_exts), label_ext if with_label else None,
+                             text_ext if recipe.with_text else None, require_text=recipe.with_text)
+        self.paths = self.source.paths
+        self._shard_of: dict[str, int] = {}
+        for i, url in enumerate(self.paths):
+            self._shard_of.setdefault(url, i)
+        self._refs: dict[int, ShardRef] = {}
+        self.num_samples = epoch_samples(self.source)
         self.batch_size, self.seed, self.shuffle = cfg.loader.batch_size, cfg.run.seed, shuffle
         self.shuffle_buffer = cfg.loader.shuffle_buffer
         self.num_threads = max(1, cfg.loader.num_workers)
         self.prefetch = max(1, cfg.loader.prefetch_factor)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, self.batch_size, env.world_size)
         if self.steps_per_epoch == 0:
-            raise ShardError(f"{self.root} has {self.num_samples} samples: fewer than one global batch "
+            raise ShardError(f"{where} has {self.num_samples} samples per epoch: fewer than one global batch "
                              f"({self.batch_size} x {env.world_size} ranks)")
+        if env.is_main:
+            how = {"native": "DALI's webdataset reader reads the shards itself",
+                   "stream": "shards are streamed whole by a reader thread into DALI's external_source "
+                             "(decode and augmentation in DALI)"}[self.mode]
+            print(f"dali loader: {how} (loader.dali_reader={cfg.loader.dali_reader}); {where}")
         self.entries = EntryCache(self.fields)
-        self.bad_samples = 0
-        """Bad samples (replaced by another sample of their batch) in the batches this rank yielded, whole run."""
-        self.last_bad = ""
-        """The last of them, as ``shard sample N (key): reason``."""
         self.epoch, self.batch = 0, 0
+        self.bad_samples, self.last_bad = 0, None
         self._found: dict[int, set[int]] = {}  # shard -> samples whose image DALI could not decode
         self._reported: set[int] = set()  # shards whose failed header checks were reported
         self._segment = 0  # first batch of the running pipeline (its generators are seeded by it)
         self._it = None  # the running pipeline's DALIGenericIterator
+        self._feeder: _Feeder | None = None  # stream mode: the running epoch's reader
         self._restore: bytes | None = None  # DALI checkpoint of (epoch, batch) to resume from
         self._folder = Path(tempfile.mkdtemp(prefix=f"dali-plan-rank{env.rank}-"))
         weakref.finalize(self, shutil.rmtree, str(self._folder), True)
@@ -321,8 +491,8 @@ class DaliLoader(LoaderPosition):
         (none before the first batch of an epoch), the images found undecodable and the bad-sample count. Plain
         data (ints, strings, lists, bytes)."""
         state: dict = {"epoch": self.epoch, "batch": self.batch, "segment": self._segment,
-                       "bad_samples": self.bad_samples, "last_bad": self.last_bad,
-                       "undecodable": {self.shards[s].url: sorted(ids) for s, ids in sorted(self._found.items())}}
+                       "bad_samples": self.bad_samples, "last_bad": self.last_bad or "",
+                       "undecodable": {self.paths[s]: sorted(ids) for s, ids in sorted(self._found.items())}}
         if self._it is not None and 0 < self.batch < self.steps_per_epoch:
             state["dali"] = self._it.checkpoints()[0]
         return state
@@ -333,66 +503,118 @@ class DaliLoader(LoaderPosition):
             return
         self._segment = min(int(state.get("segment", 0)), self.batch)
         self._restore = state.get("dali") or None
-        self.bad_samples, self.last_bad = int(state.get("bad_samples", 0)), str(state.get("last_bad", ""))
+        self.bad_samples, self.last_bad = int(state.get("bad_samples", 0)), state.get("last_bad") or None
         self._found = {self._shard_of[url]: set(ids) for url, ids in state.get("undecodable", {}).items()
                        if url in self._shard_of}
 
-    # -- the plan ----------------------------------------------------------------------------------------------
+    # -- shards and the plan -----------------------------------------------------------------------------------
+
+    def ref(self, s: int) -> ShardRef:
+        """Shard ``s`` as the native reader opens it, with a local index file: the source's, a remote one copied
+        into the cache, or one written now (beside a local shard, else in the cache). Only shards of this rank's
+        spans are ever looked at."""
+        hit = self._refs.get(s)
+        if hit is not None:
+            return hit
+        shard = self.source.shards[s]
+        url = storage.local_path(shard.url)
+        index = shard.index
+        if index and storage.is_remote(index):
+            local = cache_index_path(shard.url, self.cache_dir)
+            if not local.is_file():
+                data = storage.read_bytes(index, self.policy)
+                if data is None:
+                    raise ShardError(f"the DALI index {index} of {shard.url} is gone; refresh the cache: "
+                                     f"pipeline shards index {shard.url} --refresh")
+                local.parent.mkdir(parents=True, exist_ok=True)
+                storage.write_bytes_atomic(str(local), data)
+            index = str(local)
+        elif not index or not os.path.isfile(index):
+            index = self._write_index(url)
+        ref = ShardRef(url, str(index), shard.num_samples, shard.bytes or None)
+        self._refs[s] = ref
+        return ref
+
+    def _write_index(self, url: str) -> str:
+        if storage.is_remote(url):
+            out = cache_index_path(url, self.cache_dir)
+        else:
+            beside = Path(url).with_suffix(".idx")
+            out = beside if os.access(beside.parent, os.W_OK) else cache_index_path(url, self.cache_dir)
+        if not out.is_file():
+            try:
+                index_shard(url, out, self.policy)
+            except OSError as exc:
+                raise ShardError(f"{url} has no DALI index and {out} cannot be written ({exc}); write the indexes "
+                                 f"once with: pipeline shards index {url} --cache DIR (and data.cache_dir=DIR)") from exc
+        return str(out)
 
     def rank_spans(self, epoch: int) -> list[tuple[int, int, int]]:
         """This rank's spans of ``epoch`` (shard, start, stop): the torch backend's plan."""
-        order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+        spans = epoch_spans(self.source, self.seed, epoch, self.shuffle)
         start, stop = rank_range(self.steps_per_epoch, self.batch_size, self.env.rank)
-        spans = plan_range(self, order, start, stop)
-        return [(self._shard_of[span.path], span.start, span.stop) for span in spans]
+        return [(self._shard_of[span.path], span.start, span.stop) for span in plan_range(spans, start, stop)]
 
-    @property
-    def paths(self) -> list[str]:
-        return [ref.url for ref in self.shards]
-
-    @property
-    def counts(self) -> list[int]:
-        return [ref.count for ref in self.shards]
-
-    def rank_order(self, epoch: int) -> RankOrder:
-        """This rank's positions of ``epoch`` with every bad sample known so far replaced."""
-        spans = self.rank_spans(epoch)
+    def rank_order(self, epoch: int, spans: list[tuple[int, int, int]] | None = None) -> RankOrder:
+        """This rank's positions of ``epoch``; in native mode with every bad sample known so far replaced (the
+        stream reader replaces them as it serves each batch)."""
+        spans = self.rank_spans(epoch) if spans is None else spans
         rng = None
         if self.shuffle and self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.seed, epoch, self.env.rank])
         shard, sample = block_shuffled(spans, self.shuffle_buffer, rng)
+        if self.mode == "stream":
+            return RankOrder(shard, sample, np.zeros(len(shard), dtype=bool))
         bad: dict[int, dict[int, str]] = {}
         for s in np.unique(shard).tolist():
-            known = self.entries.bad(self.shards[s])
+            known = self.entries.bad(self.ref(s))
             if known and s not in self._reported:
                 self._reported.add(s)
                 first = min(known)
-                print(f"dali loader: rank {self.env.rank}: {len(known)} of {self.shards[s].count} samples of "
-                      f"{self.shards[s].url} cannot be read and count as bad samples (e.g. sample {first}: "
+                print(f"dali loader: rank {self.env.rank}: {len(known)} of {self.source.shards[s].num_samples} "
+                      f"samples of {self.paths[s]} cannot be read and count as bad samples (e.g. sample {first}: "
                       f"{known[first]})")
             found = {i: UNDECODABLE for i in self._found.get(s, ())}
             if known or found:
                 bad[s] = {**known, **found}
         return replace_bad(shard, sample, bad, self.batch_size, self.paths)
 
+    def sample_problem(self, s: int, sample: int, item: Any) -> str | None:
+        """Why a streamed sample cannot be used (None when it can)."""
+        if not isinstance(item, dict):
+            return item.reason  # a Lost placeholder of a damaged or short shard
+        if not any(e in item for e in self.fields.image_exts):
+            return f"no {'/'.join(self.fields.image_exts)} member"
+        if self.fields.require_text and self.fields.text_ext not in item:
+            return f"no {self.fields.text_ext} member (the recipe needs captions)"
+        if sample in self._found.get(s, ()):
+            return UNDECODABLE
+        return None
+
     def _seed(self, epoch: int, segment: int) -> int:
         return int(np.random.SeedSequence([self.seed, epoch, self.env.rank, segment]).generate_state(1)[0]) % (2**31 - 1)
 
+    def _device_id(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else self.env.local_rank
+
     def build_pipeline(self, epoch: int, segment: int, order: RankOrder, checkpoint: bytes | None = None):
         """The DALI pipeline reading ``order`` from batch ``segment`` to the end of the epoch."""
+        common = {"batch_size": self.batch_size, "num_threads": self.num_threads, "device_id": self._device_id(),
+                  "seed": self._seed(epoch, segment), "prefetch": self.prefetch, "checkpoint": checkpoint}
+        if self.mode == "stream":
+            self._feeder.pipeline_first = segment
+            extra = (self.fields.label_ext is not None) + (self.fields.text_ext is not None)
+            return fed_pipeline(self.recipe, source=self._feeder, num_extra=extra, **common)
         run_list = runs(order, segment * self.batch_size)
         folder = self._folder / f"epoch{epoch}"
         for old in self._folder.iterdir():
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
-        index_paths = write_run_indexes(run_list, self.shards, self.entries, folder)
-        gpu = self.device.type == "cuda"
-        return dali_pipeline(
-            self.recipe, paths=[self.shards[s].url for s, _ in run_list], index_paths=index_paths, fields=self.fields,
-            batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=(self.device.index if self.device.index is not None else self.env.local_rank) if gpu else None,
-            seed=self._seed(epoch, segment), prefetch=self.prefetch, checkpoint=checkpoint,
-        )
+        index_paths = write_run_indexes(run_list, self.ref, self.entries, folder)
+        return dali_pipeline(self.recipe, paths=[self.ref(s).url for s, _ in run_list], index_paths=index_paths,
+                             fields=self.fields, **common)
 
     # -- iteration ---------------------------------------------------------------------------------------------
 
@@ -405,75 +627,95 @@ class DaliLoader(LoaderPosition):
         names = [f"view{i}" for i in range(len(self.recipe.views))] + ["source_info"]
         return names + ["label"] * (self.fields.label_ext is not None) + ["text"] * (self.fields.text_ext is not None)
 
-    def _start(self, epoch: int, segment: int, order: RankOrder, checkpoint: bytes | None):
+    def _start(self, epoch: int, segment: int, order: RankOrder, spans, checkpoint: bytes | None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        def start(ckpt: bytes | None):
+        def start(ckpt: bytes | None, first: int):
+            if self.mode == "stream" and (self._feeder is None or self._feeder.first > first
+                                          or self._feeder.next > first + 1 and first not in self._feeder.batches):
+                if self._feeder is not None:
+                    self._feeder.close()
+                self._feeder = _Feeder(self, epoch, order, spans, first, self.prefetch + 2)
             # No reader_name/size: exactly the batches up to steps_per_epoch are taken, then the pipeline is dropped
-            pipe = self.build_pipeline(epoch, segment, order, ckpt)
+            pipe = self.build_pipeline(epoch, segment, order, checkpoint=ckpt)
             it = DALIGenericIterator([pipe], self._output_names(), size=-1, auto_reset=False,
                                      prepare_first_batch=False)
             return pipe, it
 
         if checkpoint is not None:
             try:
-                return (*start(checkpoint), True)
+                return (*start(checkpoint, self.batch), True)
             except RuntimeError as exc:
                 print(f"rank {self.env.rank}: cannot restore DALI's checkpoint ({str(exc).strip().splitlines()[-1]});"
                       f" replaying {self.batch - segment} batches of epoch {epoch} instead")
-        return (*start(None), False)
+        return (*start(None, segment), False)
 
     def _epoch(self) -> Iterator[Batch]:
         """The rest of the current epoch, from ``self.batch``; a pipeline that fails on an undecodable image is
         rebuilt at the failing batch with the bad images replaced."""
-        epoch, steps, b_size = self.epoch, self.steps_per_epoch, self.batch_size
+        epoch, steps = self.epoch, self.steps_per_epoch
         if self.batch >= steps:
             return
-        order = self.rank_order(epoch)
+        spans = self.rank_spans(epoch)
+        order = self.rank_order(epoch, spans)
         segment, checkpoint = min(self._segment, self.batch), self._restore
         self._restore = None
         if self.batch and self.env.is_main:
             how = "from DALI's checkpoint" if checkpoint is not None else f"by replaying {self.batch - segment} batches"
             print(f"dali loader: epoch {epoch} resumes at batch {self.batch} {how}")
-        while self.batch < steps:
-            self._segment = segment
-            pipe, it, restored = self._start(epoch, segment, order, checkpoint)
-            checkpoint, failed = None, None
-            b = self.batch if restored else segment
-            self._it = it
-            try:
-                while self.batch < steps:
-                    try:
-                        out = next(it)[0]
-                    except StopIteration:
-                        raise ShardError(f"rank {self.env.rank}: DALI ran out of samples at batch {b} of epoch {epoch}")
-                    except RuntimeError as exc:
-                        failed = exc
-                        break
-                    if b < self.batch:  # replaying a resumed epoch: same seeds, so the kept batches are exact
+        try:
+            while self.batch < steps:
+                self._segment = segment
+                pipe, it, restored = self._start(epoch, segment, order, spans, checkpoint)
+                checkpoint, failed = None, None
+                b = self.batch if restored else segment
+                self._it = it
+                try:
+                    while self.batch < steps:
+                        try:
+                            out = next(it)[0]
+                        except StopIteration:
+                            raise ShardError(f"rank {self.env.rank}: DALI ran out of samples at batch {b} of epoch "
+                                             f"{epoch}") from None
+                        except ShardError:
+                            raise  # from the stream reader: already says what and where
+                        except RuntimeError as exc:
+                            failed = exc
+                            break
+                        if b < self.batch:  # replaying a resumed epoch: same seeds, so the kept batches are exact
+                            b += 1
+                            continue
+                        batch = self._to_batch(out)
+                        batch.num_bad, batch.bad_example = self._bad_in(order, b)
+                        if batch.num_bad:
+                            self.bad_samples += batch.num_bad
+                            self.last_bad = batch.bad_example
                         b += 1
-                        continue
-                    batch = self._to_batch(out)
-                    batch.num_bad = int(order.replaced[b * b_size : (b + 1) * b_size].sum())
-                    if batch.num_bad:
-                        batch.bad_example = self._describe_bad(order, b)
-                        self.bad_samples += batch.num_bad
-                        self.last_bad = batch.bad_example
-                    b += 1
-                    self.batch += 1
-                    yield batch
-            finally:
-                self._it = None
-                del it, pipe
-            if failed is not None:
-                order = self._replace_undecodable(failed, epoch, b, order)
-                segment = b
+                        self.batch += 1
+                        if self._feeder is not None:
+                            self._feeder.forget_before(self.batch)
+                        yield batch
+                finally:
+                    self._it = None
+                    del it, pipe
+                if failed is not None:
+                    order = self._replace_undecodable(failed, epoch, b, order)
+                    segment = b
+        finally:
+            if self._feeder is not None:
+                self._feeder.close()
+                self._feeder = None
 
-    def _describe_bad(self, order: RankOrder, b: int) -> str:
+    def _bad_in(self, order: RankOrder, b: int) -> tuple[int, str | None]:
+        if self._feeder is not None:
+            n, example, _ = self._feeder.info[b]
+            return n, example
         lo = b * self.batch_size
-        p = next(p for p in range(lo, lo + self.batch_size) if order.replaced[p])
-        s, i, why = order.origin[p]
-        return f"{self.shards[s].url} sample {i}: {why}"
+        hit = np.flatnonzero(order.replaced[lo : lo + self.batch_size])
+        if not len(hit):
+            return 0, None
+        s, i, why = order.origin[lo + int(hit[0])]
+        return len(hit), f"{self.paths[s]} sample {i}: {why}"
 
     def _replace_undecodable(self, exc: RuntimeError, epoch: int, b: int, order: RankOrder) -> RankOrder:
         """After the pipeline failed at batch ``b``: find the images of that batch that do not decode, remember them
@@ -486,29 +728,30 @@ class DaliLoader(LoaderPosition):
             m = _SOURCE_INFO.search(msg)
             shard = m.group("shard") if m else next((u for u in self.paths if u in msg), "a shard of this batch")
             raise ShardError(f"{where}: DALI could not read {shard}: {detail}") from exc
-        lo = b * self.batch_size
-        sources = list(dict.fromkeys(zip(order.shard[lo : lo + self.batch_size].tolist(),
-                                         order.sample[lo : lo + self.batch_size].tolist())))
-        blobs = [self._image_bytes(s, i) for s, i in sources]
-        gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else self.env.local_rank) if gpu else None
-        bad = [sources[k] for k in undecodable(blobs, device_id)]
+        if self._feeder is not None:
+            candidates = self._feeder.image_bytes(b)
+        else:
+            lo = b * self.batch_size
+            pairs = dict.fromkeys(zip(order.shard[lo : lo + self.batch_size].tolist(),
+                                      order.sample[lo : lo + self.batch_size].tolist()))
+            candidates = [(s, i, self._image_bytes(s, i)) for s, i in pairs]
+        bad = [candidates[k][:2] for k in undecodable([c[2] for c in candidates], self._device_id())]
         if not bad:
             raise ShardError(f"{where}: DALI failed on this batch, yet each of its images decodes on its own: "
                              f"{detail}") from exc
         for s, i in bad:
             self._found.setdefault(s, set()).add(i)
-            name = self.entries.get(self.shards[s]).image_member(i)[2]
-            print(f"dali loader: {where}: {self.shards[s].url} sample {i} ({name}): {UNDECODABLE}; it counts as a "
-                  f"bad sample and is replaced for the rest of the run")
+            print(f"dali loader: {where}: {self.paths[s]} sample {i}: {UNDECODABLE}; it counts as a bad sample and "
+                  f"is replaced for the rest of the run")
         return self.rank_order(epoch)
 
     def _image_bytes(self, s: int, i: int) -> bytes:
-        ref = self.shards[s]
+        ref = self.ref(s)
         off, size, _ = self.entries.get(ref).image_member(i)
-        with open(ref.url, "rb") as f:
-            f.seek(off)
-            return f.read(size)
+        data = storage.read_bytes(ref.url, self.policy, off, size)
+        if data is None:
+            raise ShardError(f"shard {ref.url} is gone")
+        return data
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
         views = [out[f"view{i}"].to(self.device, non_blocking=True) for i in range(len(self.recipe.views))]
@@ -517,10 +760,9 @@ class DaliLoader(LoaderPosition):
         if "label" in out:
             raw = _strings(out["label"])
             if self.label_key.startswith("json:"):
-                vals = [_json_field(r, self.label_key[5:]) for r in raw]
+                labels = torch.tensor([_as_label(_json_field(r, self.label_key[5:])) for r in raw], dtype=torch.long)
             else:
-                vals = [r.strip() for r in raw]
-            labels = torch.tensor([int(v) if _is_int(v) else -1 for v in vals], dtype=torch.long)
+                labels = torch.tensor([_as_label(r) if r.strip() else -1 for r in raw], dtype=torch.long)
         texts = None
         if "text" in out:
             raw = _strings(out["text"])
@@ -529,18 +771,6 @@ class DaliLoader(LoaderPosition):
             else:
                 texts = raw
         return Batch(views, labels.to(self.device, non_blocking=True), texts, keys)
-
-
-def _is_int(v) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return True
-    try:
-        int(str(v))
-        return True
-    except ValueError:
-        return False
 
 
 def render_arrays(view: ViewSpec, images: list[np.ndarray], seed: int = 0, num_threads: int = 1) -> np.ndarray:

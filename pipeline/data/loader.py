@@ -57,6 +57,8 @@ class Loader(Protocol):
     """
 
     steps_per_epoch: int
+    bad_samples: int
+    last_bad: str | None
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -71,10 +73,14 @@ class Loader(Protocol):
 
 class LoaderPosition:
     """The position every backend keeps: ``epoch`` and ``batch`` (batches of that epoch already yielded), and no
-    per-rank state unless a backend has some."""
+    per-rank state unless a backend has some. ``bad_samples`` counts this rank's replaced bad samples since the
+    run started (backends that replace bad samples keep it in their rank state); ``last_bad`` describes the
+    latest one."""
 
     epoch: int = 0
     batch: int = 0
+    bad_samples: int = 0
+    last_bad: str | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -90,14 +96,12 @@ class LoaderPosition:
 
 
 def resolve_backend(cfg: Config) -> str:
-    """``loader.backend``, with ``auto`` resolved: DALI wherever it is installed and can read the configured
-    fields (labels from ``.cls``, captions from ``.txt``), else torch."""
+    """``loader.backend``, with ``auto`` resolved: DALI wherever it is installed (it reads every kind of source:
+    local and ``s3://`` shards itself, anything else streamed into it, see ``loader.dali_reader``), else torch."""
     backend = cfg.loader.backend
     if backend != "auto":
         return backend
-    if importlib.util.find_spec("nvidia.dali") is None or cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
-        return "torch"
-    return "dali"
+    return "torch" if importlib.util.find_spec("nvidia.dali") is None else "dali"
 
 
 def build_loader(cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe) -> Loader:
