@@ -375,3 +375,89 @@ def test_stream_reader_yields_the_native_readers_batches(jpeg_shards, source):
         assert x.keys == y.keys and torch.equal(x.labels, y.labels)
         for u, v in zip(x.views, y.views):
             assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every kind of source (the S3 and HTTP servers are real, on 127.0.0.1: tests/data_servers.py)
+
+
+def _same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys == y.keys and torch.equal(x.labels, y.labels)
+        for u, v in zip(x.views, y.views):
+            assert torch.equal(u, v)
+
+
+def _remote_cfg(spec, cache: Path, reader: str):
+    cfg = make_cfg(spec, dali_reader=reader)
+    cfg.data.cache_dir = str(cache)
+    return cfg
+
+
+def test_s3_is_read_natively_by_dali_or_streamed_into_it(jpeg_shards, s3_server, tmp_path, capsys):
+    """DALI's own reader on s3:// (its AWS SDK, AWS_ENDPOINT_URL of the moto server) and the stream reader give
+    the batches of the same shards read from local disk; the log line says which reader ran."""
+    url = s3_server.upload(jpeg_shards, "dali-native/shards")
+    ref = take(dali_loader(make_cfg(jpeg_shards)), 5)
+    native = dali_loader(_remote_cfg(url, tmp_path / "cache", "native"))
+    assert native.mode == "native"
+    assert "DALI's webdataset reader reads the shards itself" in capsys.readouterr().out
+    _same_batches(take(native, 5), ref)
+    assert all(Path(r.index).is_relative_to(tmp_path / "cache") for r in native._refs.values())  # indexes cached
+    streamed = dali_loader(_remote_cfg(url, tmp_path / "cache", "auto"))
+    assert streamed.mode == "stream"
+    assert "streamed whole by a reader thread into DALI's external_source" in capsys.readouterr().out
+    _same_batches(take(streamed, 5), ref)
+
+
+@pytest.mark.parametrize("kind", ["http", "pipe"])
+def test_http_and_pipe_sources_are_streamed_into_dali(jpeg_shards, http_server, tmp_path, capsys, kind):
+    import shutil
+
+    from pipeline.data.sources import index_source
+
+    if kind == "http":
+        shutil.copytree(jpeg_shards, http_server.root / "dali-shards")
+        spec = f"{http_server.url}/dali-shards"
+    else:
+        spec = f"pipe:cat {jpeg_shards}/shard-{{000000..000003}}.tar"
+        index_source(spec, cache_dir=str(tmp_path / "cache"), progress=False)  # counts, once (shards index)
+    ref = take(dali_loader(make_cfg(jpeg_shards)), 5)
+    loader = dali_loader(_remote_cfg(spec, tmp_path / "cache", "auto"))
+    assert loader.mode == "stream"
+    assert "streamed whole by a reader thread into DALI's external_source" in capsys.readouterr().out
+    _same_batches(take(loader, 5), ref)
+    with pytest.raises(Exception, match="DALI's reader opens local files and s3:// only"):
+        dali_loader(_remote_cfg(spec, tmp_path / "cache", "native"))
+
+
+def test_shardwriter_shards_with_json_captions(wds_shards, tmp_path):
+    """img2dataset's layout (webdataset.ShardWriter, _stats.json counts, no manifest, no index): captions and
+    labels from a field of the json member, on both readers."""
+    out = []
+    for reader in ("native", "stream"):
+        cfg = make_cfg(wds_shards, dali_reader=reader)
+        cfg.data.cache_dir = str(tmp_path / "cache")
+        cfg.augment.recipe = "clip"
+        cfg.data.text_key, cfg.data.label_key = "json:caption", "json:label"
+        batches = take(dali_loader(cfg), 3)
+        for b in batches:
+            assert b.texts == [f"a photo number {int(k[5:])}" for k in b.keys]
+            assert b.labels.tolist() == [int(k[5:]) % 3 for k in b.keys]
+        out.append(batches)
+    _same_batches(*out)
+
+
+def test_weighted_mixture_follows_the_torch_backends_plan(jpeg_shards, wds_shards, tmp_path):
+    spec = [{"shards": str(jpeg_shards), "weight": 0.5}, {"shards": str(wds_shards), "weight": 2}]
+    keys = {}
+    for backend in ("dali", "torch"):
+        cfg = make_cfg(jpeg_shards)
+        cfg.data.train_shards, cfg.data.cache_dir = spec, str(tmp_path / "cache")
+        loader = (dali_loader(cfg) if backend == "dali" else
+                  TorchLoader(cfg, DistEnv(), torch.device("cpu"), method_recipe(cfg)))
+        assert loader.steps_per_epoch == (35 + 2 * 84) // 4
+        keys[backend] = sorted(k for b in take(loader, loader.steps_per_epoch) for k in b.keys)
+    assert keys["dali"] == keys["torch"]
+    assert len(keys["dali"]) - len(set(keys["dali"])) >= 84 - 3  # weight 2: the second stream's samples twice

@@ -345,8 +345,8 @@ def bench_e2e_remote(urls: dict[str, str], config: str, overrides: list[str], ba
 def markdown_table(results: list[dict[str, Any]], note: str = "") -> str:
     base = {r["image_size"]: r["images_per_sec"] for r in results if r["backend"] == "torch" and
             r.get("source", "local") == "local"}
-    header = ("| source | backend | DALI reader | image_size | cpu_cores | recipe (views) | batch | images/sec (median) "
-              "| runs | vs torch (local) | remote / local | torch / open_clip-style |")
+    header = ("| source | backend | DALI reader | image_size | cpu_cores | recipe (views) | batch "
+              "| images/sec (median) | runs | vs torch (local) | remote / local | torch / open_clip-style |")
     lines = [header,
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
@@ -361,7 +361,8 @@ def markdown_table(results: list[dict[str, Any]], note: str = "") -> str:
 
 
 def e2e_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| source | backend | images/sec | data-wait fraction | step time (s) |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| source | backend | images/sec | data-wait fraction | step time (s) |",
+             "| --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['source']} | {r['backend']} | {r['images_per_sec']:.1f} | "
                      f"{r['data_wait_fraction']:.1%} | {r['step_time_s']:.3f} |")

@@ -110,9 +110,9 @@ def _header_ok(block: bytes, size: int, name: str | None) -> str | None:
     return None
 
 
-def read_entries(shard: ShardRef, fields: Fields, check: bool = True) -> Entries:
-    """Parse ``shard.index`` (DALI format v1.0-v1.2) into :class:`Entries`; with ``check`` (local shards) every
-    kept member is checked against the tar: inside the file and behind a tar header that matches it."""
+def read_entries(shard: ShardRef, fields: Fields, check: bool = True, probes: int = 32) -> Entries:
+    """Parse ``shard.index`` (DALI format v1.0-v1.2) into :class:`Entries`; with ``check`` (local shards) the kept
+    members are checked against the tar (see :func:`_check_members`); remote shards of known size against it."""
     try:
         with open(shard.index) as f:
             header = f.readline().split()
@@ -149,7 +149,7 @@ def read_entries(shard: ShardRef, fields: Fields, check: bool = True) -> Entries
         bad[sample] = f"not in the index {shard.index} ({len(lines)} samples)"
         lines.append("")
     if check and shard.local:
-        bad.update(_check_members(shard, members, bad))
+        bad.update(_check_members(shard, members, bad, probes))
     elif shard.size is not None:
         bad.update({s: _past_end(shard.size) for s, ms in enumerate(members)
                     if s not in bad and any(off + size > shard.size for off, size, _ in ms)})
@@ -160,8 +160,12 @@ def _past_end(size: int) -> str:
     return f"its member runs past the end of the file ({size} bytes): truncated or rewritten after its index"
 
 
-def _check_members(shard: ShardRef, members: list[list[tuple[int, int, str | None]]],
-                   skip: dict[int, str]) -> dict[int, str]:
+def _check_members(shard: ShardRef, members: list[list[tuple[int, int, str | None]]], skip: dict[int, str],
+                   probes: int = 32) -> dict[int, str]:
+    """Every member against the file's size (no I/O), and the tar headers of ``probes`` samples spread over the
+    shard (first and last included); if one of those does not match, every header. A shard rewritten or truncated
+    after its index was written fails the probes; a damaged region between probes surfaces as images that do not
+    decode: the loader finds and replaces those, and has this shard checked in full (``probes`` = all)."""
     bad: dict[int, str] = {}
     try:
         fd = os.open(shard.url, os.O_RDONLY)
@@ -170,16 +174,24 @@ def _check_members(shard: ShardRef, members: list[list[tuple[int, int, str | Non
     try:
         size = os.fstat(fd).st_size
         for sample, ms in enumerate(members):
-            if sample in skip:
-                continue
-            for off, n, name in ms:
-                if off < TAR_BLOCK or off + n > size:
-                    bad[sample] = _past_end(size)
-                    break
+            if sample not in skip and any(off < TAR_BLOCK or off + n > size for off, n, _ in ms):
+                bad[sample] = _past_end(size)
+
+        def header_problem(sample: int) -> str | None:
+            for off, n, name in members[sample]:
                 why = _header_ok(os.pread(fd, TAR_BLOCK, off - TAR_BLOCK), n, name)
                 if why:
-                    bad[sample] = f"{name or 'member'} at offset {off}: {why}"
-                    break
+                    return f"{name or 'member'} at offset {off}: {why}"
+            return None
+
+        usable = [i for i in range(len(members)) if i not in skip and i not in bad and members[i]]
+        step = max(1, len(usable) // max(1, probes - 1))
+        probe = sorted({*usable[::step], *usable[-1:]})
+        if any(header_problem(i) for i in probe):
+            for i in usable:
+                why = header_problem(i)
+                if why:
+                    bad[i] = why
     finally:
         os.close(fd)
     return bad
@@ -218,6 +230,16 @@ class EntryCache:
         if len(self._recent) > self.keep:
             self._recent.popitem(last=False)
         return entries
+
+    def check_fully(self, shard: ShardRef) -> dict[int, str]:
+        """Check every header of a local shard (after one of its images did not decode); returns its bad samples."""
+        if not shard.local:
+            return self.bad(shard)
+        st = os.stat(shard.url)
+        entries = read_entries(shard, self.fields, check=True, probes=1 << 62)
+        self._checked[shard.url] = ((st.st_size, st.st_mtime_ns), dict(entries.bad))
+        self._recent[shard.url] = entries
+        return entries.bad
 
     def bad(self, shard: ShardRef) -> dict[int, str]:
         known = self._checked.get(shard.url)

@@ -44,7 +44,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ UNDECODABLE = "the image does not decode"
 # Rendering a ViewSpec as DALI ops
 
 
-def render_dali(view: ViewSpec, images):
+def render_dali(view: ViewSpec, images, seeds: Callable[[], dict] | None = None):
     """One view of decoded HWC uint8 ``images`` (a DataNode, CPU or GPU) as DALI ops, in the order of
     ``render_torchvision``: crop, flip, colour jitter, grayscale, blur, solarize, normalise -> float32 CHW.
 
@@ -87,73 +87,85 @@ def render_dali(view: ViewSpec, images):
     ``color_twist`` applies brightness, contrast, saturation and hue in a fixed order (torchvision shuffles the
     order), scales contrast around mid-grey 128 (torchvision: around the image's mean grey) and rotates hue in
     YIQ space (torchvision: in HSV). Grayscale is saturation 0 in the same op (luma weights of ITU-R 601, as
-    torchvision). Must be called inside a pipeline built with ``enable_conditionals=True``.
+    torchvision). Must be called inside a pipeline built with ``enable_conditionals=True``. ``seeds()`` gives each
+    random operator its ``seed`` argument (default: the pipeline assigns them in the order operators are created).
     """
     from nvidia.dali import fn, types
 
+    seeds = seeds or dict
     size = [view.size, view.size]
     if view.center:
         out = fn.resize(images, resize_shorter=view.size, antialias=True)
     else:
         out = fn.random_resized_crop(images, size=size, random_area=list(view.scale),
-                                     random_aspect_ratio=list(view.ratio), num_attempts=10, antialias=True)
+                                     random_aspect_ratio=list(view.ratio), num_attempts=10, antialias=True,
+                                     **seeds())
     gray = None
     if view.grayscale_prob:
-        gray = fn.cast(fn.random.coin_flip(probability=view.grayscale_prob), dtype=types.FLOAT)
+        gray = fn.cast(fn.random.coin_flip(probability=view.grayscale_prob, **seeds()), dtype=types.FLOAT)
     if view.jitter_prob:
-        on = fn.cast(fn.random.coin_flip(probability=view.jitter_prob), dtype=types.FLOAT)
+        on = fn.cast(fn.random.coin_flip(probability=view.jitter_prob, **seeds()), dtype=types.FLOAT)
 
         def factor(strength: float):  # torchvision: uniform in [max(0, 1 - s), 1 + s] when applied
             if not strength:
                 return 1.0
-            return 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - strength), 1 + strength]) - 1.0)
+            return 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - strength), 1 + strength], **seeds()) - 1.0)
 
         saturation = factor(view.saturation)
         if gray is not None:
             saturation = saturation * (1.0 - gray)  # grayscale after jitter == saturation 0 in the same matrix
-        hue = on * fn.random.uniform(range=[-view.hue, view.hue]) * 360.0 if view.hue else 0.0
+        hue = on * fn.random.uniform(range=[-view.hue, view.hue], **seeds()) * 360.0 if view.hue else 0.0
         out = fn.color_twist(out, brightness=factor(view.brightness), contrast=factor(view.contrast),
                              saturation=saturation, hue=hue)
     elif gray is not None:
         out = fn.hsv(out, saturation=1.0 - gray)
     if view.blur_prob:
-        sigma = fn.random.uniform(range=list(view.blur_sigma))
+        sigma = fn.random.uniform(range=list(view.blur_sigma), **seeds())
         if view.blur_prob >= 1:
             out = fn.gaussian_blur(out, window_size=view.blur_kernel, sigma=sigma)
         else:
-            out = _blur_sometimes(out, view, sigma)
+            out = _blur_sometimes(out, view, sigma, seeds)
     if view.solarize_prob:
-        out = _solarize_sometimes(out, view.solarize_prob)
+        out = _solarize_sometimes(out, view.solarize_prob, seeds)
     extra = {"crop": size} if view.center else {}
     if view.flip_prob:
-        extra["mirror"] = fn.random.coin_flip(probability=view.flip_prob)
+        extra["mirror"] = fn.random.coin_flip(probability=view.flip_prob, **seeds())
     return fn.crop_mirror_normalize(out, dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in view.mean],
                                     std=[255 * s for s in view.std], **extra)
 
 
-def _blur_sometimes(out, view: ViewSpec, sigma):
+def _blur_sometimes(out, view: ViewSpec, sigma, seeds: Callable[[], dict]):
     from nvidia.dali import fn, types
 
-    if fn.random.coin_flip(probability=view.blur_prob, dtype=types.BOOL):  # a DALI conditional: blurs only those
+    # a DALI conditional: blurs only the samples whose coin came up
+    if fn.random.coin_flip(probability=view.blur_prob, dtype=types.BOOL, **seeds()):
         out = fn.gaussian_blur(out, window_size=view.blur_kernel, sigma=sigma)
     return out
 
 
-def _solarize_sometimes(out, prob: float):
+def _solarize_sometimes(out, prob: float, seeds: Callable[[], dict]):
     from nvidia.dali import fn, types
 
-    if fn.random.coin_flip(probability=prob, dtype=types.BOOL):
+    if fn.random.coin_flip(probability=prob, dtype=types.BOOL, **seeds()):
         high = fn.cast(out >= 128, dtype=types.INT32)  # torchvision: invert pixels >= threshold 128
         out = fn.cast(out + high * (255 - 2 * fn.cast(out, dtype=types.INT32)), dtype=types.UINT8)
     return out
 
 
-def _graph_tail(recipe: Recipe, encoded, info, extra: list, gpu: bool) -> tuple:
+def _graph_tail(recipe: Recipe, encoded, info, extra: list, gpu: bool, seed: int) -> tuple:
+    """Decode, the recipe's views, then the metadata outputs (``info()`` makes the sample-name node). Every random
+    operator gets its seed from ``seed`` and its rank among them, not from the pipeline: the pipeline numbers all
+    its operators, so a reader and an external source in front would shift them."""
     from nvidia.dali import fn, types
 
+    counter = iter(range(1, 1 << 30))
+
+    def seeds() -> dict:
+        return {"seed": int(np.random.SeedSequence([seed, next(counter)]).generate_state(1)[0]) % (2**31 - 1)}
+
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    views = [render_dali(v, images) for v in recipe.views]
-    return (*views, fn.pad(info, fill_value=0), *[fn.pad(f, fill_value=0) for f in extra])
+    views = [render_dali(v, images, seeds) for v in recipe.views]
+    return (*views, fn.pad(info(), fill_value=0), *[fn.pad(f, fill_value=0) for f in extra])
 
 
 def dali_pipeline(
@@ -175,8 +187,8 @@ def dali_pipeline(
             random_shuffle=False, dont_use_mmap=True, name="reader",
         )
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        return _graph_tail(recipe, outs[0], fn.get_property(outs[0], key="source_info"), list(outs[1:]),
-                           device_id is not None)
+        return _graph_tail(recipe, outs[0], lambda: fn.get_property(outs[0], key="source_info"), list(outs[1:]),
+                           device_id is not None, seed)
 
     return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=prefetch, exec_dynamic=True, checkpoint=checkpoint)
@@ -193,7 +205,7 @@ def fed_pipeline(recipe: Recipe, *, source, num_extra: int, batch_size: int, num
     def graph():
         outs = fn.external_source(source=source, num_outputs=2 + num_extra, batch=True, batch_info=True,
                                   dtype=[types.UINT8] * (2 + num_extra))
-        return _graph_tail(recipe, outs[0], outs[1], list(outs[2:]), device_id is not None)
+        return _graph_tail(recipe, outs[0], lambda: outs[1], list(outs[2:]), device_id is not None, seed)
 
     return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=prefetch, exec_dynamic=True, checkpoint=checkpoint)
@@ -473,6 +485,7 @@ class DaliLoader(LoaderPosition):
         self.bad_samples, self.last_bad = 0, None
         self._found: dict[int, set[int]] = {}  # shard -> samples whose image DALI could not decode
         self._reported: set[int] = set()  # shards whose failed header checks were reported
+        self._full: set[int] = set()  # shards whose every header was checked (one of their images did not decode)
         self._segment = 0  # first batch of the running pipeline (its generators are seeded by it)
         self._it = None  # the running pipeline's DALIGenericIterator
         self._feeder: _Feeder | None = None  # stream mode: the running epoch's reader
@@ -545,8 +558,9 @@ class DaliLoader(LoaderPosition):
             try:
                 index_shard(url, out, self.policy)
             except OSError as exc:
-                raise ShardError(f"{url} has no DALI index and {out} cannot be written ({exc}); write the indexes "
-                                 f"once with: pipeline shards index {url} --cache DIR (and data.cache_dir=DIR)") from exc
+                raise ShardError(f"{url} has no DALI index and {out} cannot be written ({exc}); write the "
+                                 f"indexes once with: pipeline shards index {url} --cache DIR (and data.cache_dir=DIR)"
+                                 ) from exc
         return str(out)
 
     def rank_spans(self, epoch: int) -> list[tuple[int, int, int]]:
@@ -567,7 +581,14 @@ class DaliLoader(LoaderPosition):
             return RankOrder(shard, sample, np.zeros(len(shard), dtype=bool))
         bad: dict[int, dict[int, str]] = {}
         for s in np.unique(shard).tolist():
-            known = self.entries.bad(self.ref(s))
+            if s in self._found and s not in self._full:
+                # damage between the header probes shows up as images that do not decode: check that shard in
+                # full, here rather than where it was found, so a resumed run derives the same replacements
+                self._full.add(s)
+                self._reported.discard(s)
+                known = self.entries.check_fully(self.ref(s))
+            else:
+                known = self.entries.bad(self.ref(s))
             if known and s not in self._reported:
                 self._reported.add(s)
                 first = min(known)
@@ -592,7 +613,8 @@ class DaliLoader(LoaderPosition):
         return None
 
     def _seed(self, epoch: int, segment: int) -> int:
-        return int(np.random.SeedSequence([self.seed, epoch, self.env.rank, segment]).generate_state(1)[0]) % (2**31 - 1)
+        state = np.random.SeedSequence([self.seed, epoch, self.env.rank, segment]).generate_state(1)
+        return int(state[0]) % (2**31 - 1)
 
     def _device_id(self) -> int | None:
         if self.device.type != "cuda":
