@@ -10,6 +10,7 @@ import pytest
 import torch
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+pytest_plugins = ["tests.data_servers"]  # s3_server, http_server, wds_shards, img2dataset_shards
 
 
 def pytest_collection_modifyitems(config, items):

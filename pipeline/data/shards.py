@@ -389,6 +389,9 @@ def open_shards(path: str | Path, verify: str = "size", require: tuple[str, ...]
                 f"shard {p} is {p.stat().st_size} bytes but the manifest says {e['bytes']}: truncated or rewritten; "
                 f"re-run `pipeline shards write`"
             )
+        if verify == "sha256" and "sha256" not in e:
+            raise ShardError(f"{mpath} has no sha256 for {e['file']} (a manifest from `pipeline shards index`, which "
+                             f"does not hash the data); use data.verify=size")
         if verify == "sha256" and sha256_file(p) != e["sha256"]:
             raise ShardError(f"shard {p} does not match the sha256 in {mpath}")
         paths.append(p)

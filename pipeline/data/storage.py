@@ -103,6 +103,12 @@ def s3_client():
         return _clients[key]
 
 
+def reset_clients() -> None:
+    """Forget this process's clients (after the AWS environment changed, e.g. another endpoint)."""
+    with _lock:
+        _clients.clear()
+
+
 def _fs(protocol: str):
     import fsspec
 
@@ -223,6 +229,9 @@ def read_bytes(url: str, policy: RetryPolicy, start: int = 0, length: int | None
                 return s3_client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
             if scheme == "pipe":
                 raise ValueError("pipe: sources have no sidecar files")
+            if scheme in ("http", "https") and start == 0 and length is not None:
+                with open_stream(url) as f:  # many servers ignore Range (python -m http.server does): stream the head
+                    return f.read(length)
             fs = _fs("http" if scheme in ("http", "https") else scheme)
             if start or length is not None:
                 return fs.cat_file(url, start=start, end=None if length is None else start + length)
