@@ -289,13 +289,26 @@ def test_damaged_tar_never_crashes_the_process(tmp_path, damage):
         last = (root / "shard-000000.idx").read_text().splitlines()[-1].split()
         os.truncate(tar, int(last[1]) + int(last[2]) // 2)
         verify = "none"  # a source without sizes to check, as most users' shards are
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", _READ_ALL, str(root), verify], check=False, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])  # not -11 (SIGSEGV) nor -7 (SIGBUS)
     result = proc.stdout.strip().splitlines()[-1]
     bad = int(result.split("bad_samples=")[1].split()[0])
     assert bad > 0 and result.endswith("sizes=[8]")
     assert f"of {tar} cannot be read and count as bad samples" in proc.stdout
+    # a training run on it: past data.max_bad_fraction (default 0.001) it stops with one line naming the shard
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides({"train": root, "test": root}, tmp_path / "run", **{
+        "data.verify": verify, "data.eval_train_shards": "", "data.eval_test_shards": "", "loader.backend": "dali",
+        "loader.batch_size": 8, "augment.image_size": 16, "model.img_size": 16, "model.patch_size": 8,
+        "train.steps": 4, "launcher.nprocs": 1})
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", str(ROOT / "configs/quickstart.yaml"),
+                           *overrides], check=False, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "data.max_bad_fraction=0.001" in last and str(tar) in last, last
 
 
 def test_missing_index_is_created_or_reported_with_its_command(tmp_path, monkeypatch):

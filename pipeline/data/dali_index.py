@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,17 +68,30 @@ class Fields:
 
 @dataclass
 class Entries:
-    """One shard's samples, each reduced to the members the loader reads (``"ext offset size name"`` each, the
-    image first), and the samples that cannot be read with the reason (no image, or a header check failed)."""
+    """One shard's index lines as written (DALI's reader ignores the members it is not asked for), and the samples
+    that cannot be read with the reason (no image, no caption when one is needed, a failed check against the tar).
+    A line with two image members keeps only the preferred one (``Fields.image_exts`` order), as the stream reader
+    and the torch backend pick it."""
 
     shard: ShardRef
-    lines: list[str]
+    version: str
+    lines: list[bytes]
     bad: dict[int, str] = field(default_factory=dict)
+    fixed: dict[int, bytes] = field(default_factory=dict)
+    """Lines with two image members, cut to the preferred one."""
 
-    def image_member(self, sample: int) -> tuple[int, int, str]:
+    def members(self, sample: int) -> list[tuple[str, int, int, str | None]]:
+        """(ext, offset, size, member name or None) of every member of the sample's line."""
+        parts = self.lines[sample].decode("utf-8", "replace").split()
+        per = 4 if self.version == "v1.2" else 3
+        return [(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3] if per == 4 else None)
+                for i in range(0, len(parts) - per + 1, per)]
+
+    def image_member(self, sample: int, image_exts: tuple[str, ...]) -> tuple[int, int, str]:
         """(offset, size, member name) of the sample's image."""
-        parts = self.lines[sample].split()
-        return int(parts[1]), int(parts[2]), parts[3]
+        members = self.members(sample)
+        ext, off, size, name = next(m for e in image_exts for m in members if m[0] == e)
+        return off, size, name or f"sample {sample}.{ext}"
 
 
 def _header_ok(block: bytes, size: int, name: str | None) -> str | None:
@@ -110,81 +124,121 @@ def _header_ok(block: bytes, size: int, name: str | None) -> str | None:
     return None
 
 
-def read_entries(shard: ShardRef, fields: Fields, check: bool = True, probes: int = 32) -> Entries:
-    """Parse ``shard.index`` (DALI format v1.0-v1.2) into :class:`Entries`; with ``check`` (local shards) the kept
-    members are checked against the tar (see :func:`_check_members`); remote shards of known size against it."""
+def _per_line(exts, body: bytes, starts: np.ndarray) -> np.ndarray:
+    """How many member extension tokens of ``exts`` each line of ``body`` has (lines begin at ``starts``): one
+    literal scan of the whole text per extension, not one call per line (an extension is the token before an
+    offset)."""
+    pos = []
+    for ext in exts:
+        for m in re.finditer(re.escape(ext.encode()) + rb" \d", body):
+            i = m.start()
+            if i == 0 or body[i - 1] in b" \n":
+                pos.append(i)
+    return np.bincount(np.searchsorted(starts, np.array(pos, dtype=np.int64), side="right") - 1,
+                       minlength=len(starts))
+
+
+def read_index_lines(shard: ShardRef) -> tuple[str, list[bytes]]:
+    """The format version and the first ``shard.count`` sample lines of ``shard.index``."""
     try:
-        with open(shard.index) as f:
-            header = f.readline().split()
-            raw = f.read().splitlines()
+        with open(shard.index, "rb") as f:
+            header = f.readline().decode("utf-8", "replace").split()
+            body = f.read()
     except OSError as exc:
         raise ShardError(f"cannot read the DALI index {shard.index} of {shard.url}: {exc}") from exc
     if len(header) != 2 or not header[0].startswith("v1."):
         raise ShardError(f"{shard.index} is not a DALI webdataset index (header {' '.join(header)!r}); "
                          f"recreate it with: pipeline shards index {shard.url}")
-    per = 4 if header[0] == "v1.2" else 3
-    wanted = {*fields.image_exts, fields.label_ext, fields.text_ext} - {None}
-    lines: list[str] = []
-    bad: dict[int, str] = {}
-    members: list[list[tuple[int, int, str | None]]] = []
-    for sample, line in enumerate(raw[: shard.count]):
-        parts = line.split()
-        comps = {}
-        for i in range(0, len(parts) - per + 1, per):
-            ext = parts[i]
-            if ext in wanted and ext not in comps:  # older formats have no member names: make one up
-                comps[ext] = parts[i : i + per] if per == 4 else [*parts[i : i + 3], f"{sample:09d}.{ext}"]
-        image = next((comps[e] for e in fields.image_exts if e in comps), None)
-        kept = [image] if image else []
-        for ext in dict.fromkeys(e for e in (fields.label_ext, fields.text_ext) if e):
-            if ext in comps:
-                kept.append(comps[ext])
-        if image is None:
-            bad[sample] = f"no {'/'.join(fields.image_exts)} member"
-        elif fields.require_text and fields.text_ext not in comps:
-            bad[sample] = f"no {fields.text_ext} member (the recipe needs captions)"
-        lines.append(" ".join(" ".join(c) for c in kept))
-        members.append([(int(c[1]), int(c[2]), c[3] if per == 4 else None) for c in kept])
+    lines = body.rstrip().split(b"\n") if body.strip() else []
+    del lines[shard.count :]
+    return header[0], lines
+
+
+def read_entries(shard: ShardRef, fields: Fields, check: bool = True, probes: int = 32) -> Entries:
+    """Read ``shard.index`` (DALI format v1.0-v1.2) into :class:`Entries`; with ``check`` (local shards) its
+    members are checked against the tar (see :func:`_check_members`), and remote shards of known size against
+    that size. Lines are only split where needed: a shard's index has one line per sample, and a rank reads
+    the indexes of its whole share at every epoch start."""
+    version, lines = read_index_lines(shard)
+    body = b"\n".join(lines)
+    starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == 10) + 1]).astype(np.int64)
+    entries = Entries(shard, version, lines)
+    images = _per_line(fields.image_exts, body, starts)[: len(lines)]
+    for sample in np.flatnonzero(images == 0).tolist():
+        entries.bad[sample] = f"no {'/'.join(fields.image_exts)} member"
+    if fields.require_text and fields.text_ext:
+        texts = _per_line([fields.text_ext], body, starts)[: len(lines)]
+        for sample in np.flatnonzero((texts == 0) & (images > 0)).tolist():
+            entries.bad[sample] = f"no {fields.text_ext} member (the recipe needs captions)"
+    for sample in np.flatnonzero(images > 1).tolist():
+        if sample not in entries.bad:
+            lines[sample] = entries.fixed[sample] = _keep_one_image(entries, sample, fields.image_exts)
     for sample in range(len(lines), shard.count):
-        bad[sample] = f"not in the index {shard.index} ({len(lines)} samples)"
-        lines.append("")
+        entries.bad[sample] = f"not in the index {shard.index} ({len(lines)} samples)"
+        lines.append(b"")
     if check and shard.local:
-        bad.update(_check_members(shard, members, bad, probes))
+        entries.bad.update(_check_members(entries, probes))
     elif shard.size is not None:
-        bad.update({s: _past_end(shard.size) for s, ms in enumerate(members)
-                    if s not in bad and any(off + size > shard.size for off, size, _ in ms)})
-    return Entries(shard, lines, bad)
+        entries.bad.update(_past_the_end(entries, shard.size))
+    return entries
+
+
+def _keep_one_image(entries: Entries, sample: int, image_exts: tuple[str, ...]) -> bytes:
+    per = 4 if entries.version == "v1.2" else 3
+    parts = entries.lines[sample].split()
+    comps = [parts[i : i + per] for i in range(0, len(parts) - per + 1, per)]
+    image = next(e.encode() for e in image_exts if any(c[0] == e.encode() for c in comps))
+    kept, seen = [], False
+    for c in comps:
+        if c[0].decode() in image_exts:
+            if c[0] != image or seen:
+                continue
+            seen = True
+        kept.append(c)
+    return b" ".join(b" ".join(c) for c in kept)
 
 
 def _past_end(size: int) -> str:
     return f"its member runs past the end of the file ({size} bytes): truncated or rewritten after its index"
 
 
-def _check_members(shard: ShardRef, members: list[list[tuple[int, int, str | None]]], skip: dict[int, str],
-                   probes: int = 32) -> dict[int, str]:
-    """Every member against the file's size (no I/O), and the tar headers of ``probes`` samples spread over the
-    shard (first and last included); if one of those does not match, every header. A shard rewritten or truncated
-    after its index was written fails the probes; a damaged region between probes surfaces as images that do not
-    decode: the loader finds and replaces those, and has this shard checked in full (``probes`` = all)."""
+def _past_the_end(entries: Entries, size: int) -> dict[int, str]:
+    """Samples with a member past ``size``. Members of a tar lie in file order, so only the last lines can be
+    past the end: they are checked from the last one back to the first one inside the file."""
     bad: dict[int, str] = {}
+    for sample in range(len(entries.lines) - 1, -1, -1):
+        if sample in entries.bad:
+            continue
+        if not any(off + n > size for _, off, n, _ in entries.members(sample)):
+            break
+        bad[sample] = _past_end(size)
+    return bad
+
+
+def _check_members(entries: Entries, probes: int = 32) -> dict[int, str]:
+    """The members of a local shard against its file: past its end (see :func:`_past_the_end`), and the tar
+    headers of ``probes`` samples spread over the shard (first and last included); if one of those does not match,
+    every header. A shard rewritten or truncated after its index was written fails the probes; a damaged region
+    between probes surfaces as images that do not decode: the loader finds and replaces those, and has this shard
+    checked in full (``probes`` = all)."""
+    shard = entries.shard
     try:
         fd = os.open(shard.url, os.O_RDONLY)
     except OSError as exc:
         raise ShardError(f"cannot open shard {shard.url}: {exc}") from exc
     try:
-        size = os.fstat(fd).st_size
-        for sample, ms in enumerate(members):
-            if sample not in skip and any(off < TAR_BLOCK or off + n > size for off, n, _ in ms):
-                bad[sample] = _past_end(size)
+        bad = _past_the_end(entries, os.fstat(fd).st_size)
 
         def header_problem(sample: int) -> str | None:
-            for off, n, name in members[sample]:
+            for _, off, n, name in entries.members(sample):
+                if off < TAR_BLOCK:
+                    return f"{name or 'member'} at offset {off}: no room for a tar header before it"
                 why = _header_ok(os.pread(fd, TAR_BLOCK, off - TAR_BLOCK), n, name)
                 if why:
                     return f"{name or 'member'} at offset {off}: {why}"
             return None
 
-        usable = [i for i in range(len(members)) if i not in skip and i not in bad and members[i]]
+        usable = [i for i in range(len(entries.lines)) if i not in entries.bad and i not in bad]
         step = max(1, len(usable) // max(1, probes - 1))
         probe = sorted({*usable[::step], *usable[-1:]})
         if any(header_problem(i) for i in probe):
@@ -197,54 +251,71 @@ def _check_members(shard: ShardRef, members: list[list[tuple[int, int, str | Non
     return bad
 
 
+@dataclass
+class _Checked:
+    sig: tuple
+    bad: dict[int, str]
+    fixed: dict[int, bytes]
+
+
 class EntryCache:
-    """Parsed and checked :class:`Entries` of recently used shards; the header check of a local shard is done once
-    per process for as long as the file keeps its size and modification time."""
+    """:class:`Entries` of recently used shards. A shard's lines are scanned and checked once per process, for as
+    long as a local file keeps its size and modification time; later epochs only read its index."""
 
     def __init__(self, fields: Fields, keep: int = 8) -> None:
         self.fields, self.keep = fields, keep
-        self._recent: OrderedDict[str, Entries] = OrderedDict()
-        self._checked: dict[str, tuple[tuple[int, int], dict[int, str]]] = {}
+        self._recent: OrderedDict[str, tuple[tuple, Entries]] = OrderedDict()
+        self._checked: dict[str, _Checked] = {}
 
-    def get(self, shard: ShardRef) -> Entries:
-        hit = self._recent.get(shard.url)
-        if hit is not None:
-            self._recent.move_to_end(shard.url)
-            return hit
-        sig = None
-        if shard.local:
-            try:
-                st = os.stat(shard.url)
-            except OSError as exc:
-                raise ShardError(f"shard {shard.url} is missing: {exc}") from exc
-            sig = (st.st_size, st.st_mtime_ns)
-        known = self._checked.get(shard.url)
-        if known is not None and known[0] == sig:
-            entries = read_entries(shard, self.fields, check=False)
-            entries.bad = dict(known[1])
-        else:
-            entries = read_entries(shard, self.fields, check=True)
-            if sig is not None:
-                self._checked[shard.url] = (sig, dict(entries.bad))
-        self._recent[shard.url] = entries
+    @staticmethod
+    def _sig(shard: ShardRef) -> tuple:
+        if not shard.local:
+            return ("remote", shard.size)
+        try:
+            st = os.stat(shard.url)
+        except OSError as exc:
+            raise ShardError(f"shard {shard.url} is missing: {exc}") from exc
+        return (st.st_size, st.st_mtime_ns)
+
+    def _store(self, shard: ShardRef, sig: tuple, entries: Entries) -> None:
+        self._checked[shard.url] = _Checked(sig, dict(entries.bad), dict(entries.fixed))
+        self._recent[shard.url] = (sig, entries)
+        self._recent.move_to_end(shard.url)
         if len(self._recent) > self.keep:
             self._recent.popitem(last=False)
+
+    def get(self, shard: ShardRef) -> Entries:
+        sig = self._sig(shard)
+        hit = self._recent.get(shard.url)
+        if hit is not None and hit[0] == sig:
+            self._recent.move_to_end(shard.url)
+            return hit[1]
+        known = self._checked.get(shard.url)
+        if known is not None and known.sig == sig:
+            version, lines = read_index_lines(shard)
+            for i, line in known.fixed.items():
+                lines[i] = line
+            lines += [b""] * (shard.count - len(lines))
+            entries = Entries(shard, version, lines, dict(known.bad), dict(known.fixed))
+            self._store(shard, sig, entries)
+            return entries
+        return self._scan(shard, sig, probes=32)
+
+    def _scan(self, shard: ShardRef, sig: tuple, probes: int) -> Entries:
+        entries = read_entries(shard, self.fields, check=True, probes=probes)
+        self._store(shard, sig, entries)
         return entries
 
     def check_fully(self, shard: ShardRef) -> dict[int, str]:
         """Check every header of a local shard (after one of its images did not decode); returns its bad samples."""
         if not shard.local:
             return self.bad(shard)
-        st = os.stat(shard.url)
-        entries = read_entries(shard, self.fields, check=True, probes=1 << 62)
-        self._checked[shard.url] = ((st.st_size, st.st_mtime_ns), dict(entries.bad))
-        self._recent[shard.url] = entries
-        return entries.bad
+        return self._scan(shard, self._sig(shard), probes=1 << 62).bad
 
     def bad(self, shard: ShardRef) -> dict[int, str]:
         known = self._checked.get(shard.url)
-        if known is not None:
-            return known[1]
+        if known is not None and known.sig == self._sig(shard):
+            return known.bad
         return self.get(shard).bad
 
 
@@ -343,11 +414,13 @@ def write_run_indexes(run_list: list[tuple[int, np.ndarray]], ref_of: Callable[[
         digest = hashlib.sha1(ref.url.encode() + b"\0" + ref.index.encode() + b"\0" + samples.tobytes()).hexdigest()
         path = folder / f"{digest[:20]}.idx"
         if not path.exists():
-            lines = cache.get(ref).lines
+            entries = cache.get(ref)
+            lines = entries.lines
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w") as f:
-                f.write(f"v1.2 {len(samples)}\n")
-                f.writelines(lines[i] + "\n" for i in samples.tolist())
+            with open(tmp, "wb") as f:
+                f.write(f"{entries.version} {len(samples)}\n".encode())
+                f.write(b"\n".join([lines[i] for i in samples.tolist()]))
+                f.write(b"\n")
             os.replace(tmp, path)
         out.append(str(path))
     return out

@@ -769,7 +769,7 @@ class DaliLoader(LoaderPosition):
 
     def _image_bytes(self, s: int, i: int) -> bytes:
         ref = self.ref(s)
-        off, size, _ = self.entries.get(ref).image_member(i)
+        off, size, _ = self.entries.get(ref).image_member(i, self.fields.image_exts)
         data = storage.read_bytes(ref.url, self.policy, off, size)
         if data is None:
             raise ShardError(f"shard {ref.url} is gone")
