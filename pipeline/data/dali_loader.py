@@ -653,8 +653,9 @@ class DaliLoader(LoaderPosition):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         def start(ckpt: bytes | None, first: int):
-            if self.mode == "stream" and (self._feeder is None or self._feeder.first > first
-                                          or self._feeder.next > first + 1 and first not in self._feeder.batches):
+            feeder = self._feeder  # reused after a rebuild at a batch it still holds
+            if self.mode == "stream" and (feeder is None or feeder.first > first
+                                          or first < feeder.next and first not in feeder.batches):
                 if self._feeder is not None:
                     self._feeder.close()
                 self._feeder = _Feeder(self, epoch, order, spans, first, self.prefetch + 2)
