@@ -77,9 +77,9 @@ def test_epochs_cover_each_sample_once_and_reshuffle(jpeg_shards):
     assert loader.state_dict() == {"epoch": 2, "batch": 1}
 
 
-def _state_after(shards: str, n: int) -> tuple[dict, dict]:
+def _state_after(shards: str, n: int, reader: str = "native") -> tuple[dict, dict]:
     """In a fresh process: the loader's job and rank state after ``n`` batches."""
-    loader = dali_loader(make_cfg(shards))
+    loader = dali_loader(make_cfg(shards, dali_reader=reader))
     it = iter(loader)  # kept alive, as in the trainer: the state is taken between two batches
     for _ in range(n):
         next(it)
@@ -97,14 +97,18 @@ def _resume(cfg, state: dict, rank_state: dict | None) -> tuple[list, list]:
     return take(loader, 2), built
 
 
-@pytest.mark.parametrize("how", ["dali_checkpoint", "replay"])
-def test_resume_mid_epoch_continues_exactly(jpeg_shards, how):
-    cfg = make_cfg(jpeg_shards)
+@pytest.mark.parametrize(("how", "reader"), [("dali_checkpoint", "native"), ("replay", "native"),
+                                             ("dali_checkpoint", "stream")])
+def test_resume_mid_epoch_continues_exactly(jpeg_shards, how, reader):
+    """The native reader's position, or the stream reader's external-source iteration, and every generator come
+    back from DALI's checkpoint (or by replay)."""
+    cfg = make_cfg(jpeg_shards, dali_reader=reader)
     steps = dali_loader(cfg).steps_per_epoch
     ref = take(dali_loader(cfg), steps + 3)
     for first in (5, steps + 1):
         # the state is taken in another process, as after a crash: DALI's checkpoint must travel
-        (state, rank_state), = run_ranks(_state_after, str(jpeg_shards), first, world_size=1, init_pg=False)
+        (state, rank_state), = run_ranks(_state_after, str(jpeg_shards), first, reader, world_size=1,
+                                         init_pg=False)
         assert state == {"epoch": first // steps, "batch": first % steps}
         assert "dali" in rank_state and rank_state["epoch"] == state["epoch"]
         got, built = _resume(cfg, state, rank_state if how == "dali_checkpoint" else None)
@@ -206,22 +210,22 @@ def _jpeg_bytes(kind: str) -> bytes:
     return b"not a jpeg at all" if kind == "garbage" else good.getvalue()[: len(good.getvalue()) // 2]
 
 
-def _undecodable_cfg(root: Path):
-    cfg = make_cfg(root)
+def _undecodable_cfg(root: Path, reader: str = "native"):
+    cfg = make_cfg(root, dali_reader=reader)
     cfg.data.verify = "none"
     return cfg
 
 
-def _state_after_cfg(root: str, n: int) -> tuple[dict, dict, list]:
-    loader = dali_loader(_undecodable_cfg(Path(root)))
+def _state_after_cfg(root: str, n: int, reader: str) -> tuple[dict, dict, list]:
+    loader = dali_loader(_undecodable_cfg(Path(root), reader))
     batches = take(loader, n)
     return loader.state_dict(), loader.rank_state_dict(), [b.keys for b in batches]
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated"])
-def test_undecodable_image_is_replaced_counted_and_resumed_exactly(tmp_path, kind):
+@pytest.mark.parametrize(("kind", "reader"), [("garbage", "native"), ("truncated", "native"), ("garbage", "stream")])
+def test_undecodable_image_is_replaced_counted_and_resumed_exactly(tmp_path, kind, reader):
     root = _bad_shards(tmp_path, _jpeg_bytes(kind))
-    cfg = _undecodable_cfg(root)
+    cfg = _undecodable_cfg(root, reader)
     loader = dali_loader(cfg)
     steps = loader.steps_per_epoch
     assert steps == 3
@@ -234,7 +238,7 @@ def test_undecodable_image_is_replaced_counted_and_resumed_exactly(tmp_path, kin
     hit = next(i for i, b in enumerate(ref) if b.num_bad)  # the batch whose pipeline failed and was rebuilt
     # resume in another process, before the failure and after it: the same batches as the uninterrupted run
     for first in sorted({hit, hit + 1, steps + 1}):
-        (state, rank_state, _), = run_ranks(_state_after_cfg, str(root), first, world_size=1, init_pg=False)
+        (state, rank_state, _), = run_ranks(_state_after_cfg, str(root), first, reader, world_size=1, init_pg=False)
         if first > hit:
             assert rank_state["undecodable"] == {str(root / "shard-000000.tar"): [5]}
         resumed = dali_loader(cfg)

@@ -7,9 +7,12 @@ training run streaming from S3 next to the same run from local disk.
 Photos: the wallpapers of a Debian package (``apt-get download lomiri-wallpapers-16.04``, ``dpkg -x``), cut at
 run time into 500x375 JPEG tiles (at a few scales, so tiles differ) and written as WebDataset shards. Nothing of
 them is committed. The S3 server is moto's standalone server (``moto[server]``), the HTTP server Python's
-``http.server``, both started here on loopback ports. Every configuration is measured ``--repeats`` times, the
-configurations alternating, and reported as the median with the spread; the machine's load average is recorded
-with each run. Results: ``benchmarks/results/loader.json`` and ``loader.md``.
+``http.server``, both started here on loopback ports. ``--device cuda`` delivers every batch on the GPU: DALI
+decodes there (``mixed``: nvJPEG) and augments there; the torch backend decodes and augments in DataLoader workers
+on the CPU cores and copies pinned batches over. ``--repeat K`` lists every shard K times (links, no copies) so an
+epoch of the benchmark set lasts as long as a corpus-sized one (see ``repeat_shards``). Every configuration is
+measured ``--repeats`` times, the configurations alternating, and reported as the median with the spread; the
+machine's load average is recorded with each run. Results: ``benchmarks/results/loader.json`` and ``loader.md``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,50 @@ def prepare_shards(workdir: Path, count: int, photos_dir: str | None = None) -> 
     items, total, _ = folder_items(tiles)
     write_shards(items, shards, shard_size=256, total=total, progress=False)  # keeps the JPEG bytes as cut
     return shards
+
+
+def repeat_shards(src: str | Path, dst: str | Path, times: int) -> Path:
+    """A shard folder ``dst`` that lists every shard of ``src`` ``times`` times, as hard links (symbolic links
+    across file systems) with their DALI indexes, and a manifest to match.
+
+    Both loaders pay a start-up cost at every epoch (DALI builds a pipeline and fills its shuffle buffer, torch
+    forks its workers): over a few thousand benchmark images an epoch lasts a handful of steps and that cost
+    would dominate, where on a real corpus it falls once in thousands of steps. Every sample stays a real JPEG
+    decoded from its own bytes; only the epoch is longer. Keys repeat across the copies, which no loader minds."""
+    from pipeline.data.shards import open_shards
+
+    src, dst = Path(src), Path(dst)
+    if (dst / "manifest.json").exists():
+        return dst
+    manifest = open_shards(src).manifest
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = []
+    for k in range(times):
+        for entry in manifest["shards"]:
+            copy = dict(entry, file=f"r{k:03d}-{entry['file']}", index=f"r{k:03d}-{entry['index']}")
+            for field in ("file", "index"):
+                target = (src / entry[field]).resolve()
+                try:
+                    os.link(target, tmp / copy[field])
+                except OSError:
+                    os.symlink(target, tmp / copy[field])
+            shards.append(copy)
+    manifest = dict(manifest, shards=shards, num_samples=manifest["num_samples"] * times,
+                    source=f"{manifest.get('source') or src} x{times}")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,15 +207,19 @@ def loopback_sources(shards: Path, sources: list[str], log_dir: Path) -> Iterato
 # Loaders under test
 
 
-def _measure(loader, warmup: int, batches: int) -> float:
+def _measure(loader, warmup: int, batches: int, device=None) -> float:
     it = iter(loader)
     for _ in range(warmup):
         next(it)
+    if device is not None:
+        _sync(device)  # batches still being copied or augmented on the GPU belong to the warm-up
     start = time.perf_counter()
     n = 0
     for _ in range(batches):
         batch = next(it)
         n += len(batch[0]) if isinstance(batch, (list, tuple)) else batch.size  # open_clip-style: [view, view]
+    if device is not None:
+        _sync(device)
     return n / (time.perf_counter() - start)
 
 
@@ -212,9 +263,7 @@ class _Tuples:
 
 
 def _our_loader(source: str, backend: str, reader: str, *, image_size: int, batch_size: int, cpu_cores: int,
-                recipe: str, cache_dir: Path):
-    import torch
-
+                recipe: str, cache_dir: Path, device):
     from pipeline.config import config_from_dict
     from pipeline.data.loader import build_loader
     from pipeline.data.recipes import build_recipe
@@ -225,16 +274,18 @@ def _our_loader(source: str, backend: str, reader: str, *, image_size: int, batc
         "loader": {"backend": backend, "batch_size": batch_size, "num_workers": cpu_cores, "dali_reader": reader},
         "augment": {"recipe": recipe, "image_size": image_size},
     })
-    return build_loader(cfg, DistEnv(), torch.device("cpu"), build_recipe(cfg.augment))
+    return build_loader(cfg, DistEnv(), device, build_recipe(cfg.augment))
 
 
 def bench_loader(urls: dict[str, str], *, backends: tuple[str, ...] = ("dali", "torch"),
                  dali_readers: tuple[str, ...] = ("auto",), openclip: bool = False, image_size: int = 224,
                  batch_size: int = 64, cpu_cores: int = 2, recipe: str = "simclr", warmup: int = 3,
-                 batches: int = 24, repeats: int = 2, cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Images/sec of each (source, backend[, DALI reader]) and of the open_clip-style pipeline on CPU:
-    ``cpu_cores`` DataLoader workers / DALI threads, the process pinned to that many cores, configurations
-    alternated ``repeats`` times; the median is reported with every run and the load average around it."""
+                 batches: int = 24, repeats: int = 2, cache_dir: Path | None = None, device: str = "cpu"
+                 ) -> list[dict[str, Any]]:
+    """Images/sec of each (source, backend[, DALI reader]) and of the open_clip-style pipeline: ``cpu_cores``
+    DataLoader workers / DALI threads, the process pinned to that many cores, batches delivered on ``device``
+    (``cuda``: DALI decodes and augments on the GPU), configurations alternated ``repeats`` times; the median is
+    reported with every run and the load average around it."""
     import torch
 
     from pipeline.config import config_from_dict
@@ -244,6 +295,7 @@ def bench_loader(urls: dict[str, str], *, backends: tuple[str, ...] = ("dali", "
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpu_cores])
     torch.set_num_threads(1)  # the main process only collates; the work is in workers / DALI threads
     cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="bench-loader-cache-"))
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
     rcp = build_recipe(config_from_dict({"augment": {"recipe": recipe, "image_size": image_size}}).augment)
     cases: list[tuple[str, str, str]] = []  # (source, backend, reader)
     for name in urls:
@@ -258,14 +310,15 @@ def bench_loader(urls: dict[str, str], *, backends: tuple[str, ...] = ("dali", "
         for case in cases:
             name, backend, reader = case
             if backend == "openclip":
-                shards = _shard_urls(urls[name])
-                steps = 1024 // batch_size
-                loader = _Tuples(openclip_style_loader(shards, rcp, batch_size, cpu_cores, 0, steps))
+                src = _resolved(urls[name], cache_dir)
+                loader = _Tuples(openclip_style_loader(src.paths, rcp, batch_size, cpu_cores, 0,
+                                                       src.num_samples // batch_size))
             else:
                 loader = _our_loader(urls[name], backend, reader if reader != "-" else "auto", image_size=image_size,
-                                     batch_size=batch_size, cpu_cores=cpu_cores, recipe=recipe, cache_dir=cache_dir)
+                                     batch_size=batch_size, cpu_cores=cpu_cores, recipe=recipe, cache_dir=cache_dir,
+                                     device=dev)
             load = os.getloadavg()[0]
-            rate = _measure(loader, warmup, batches)
+            rate = _measure(loader, warmup, batches, dev if backend != "openclip" else None)
             runs[case].append((rate, round(load, 1)))
             del loader
     out = []
@@ -275,7 +328,9 @@ def bench_loader(urls: dict[str, str], *, backends: tuple[str, ...] = ("dali", "
             "source": name, "backend": backend, "dali_reader": reader, "image_size": image_size,
             "cpu_cores": cpu_cores, "images_per_sec": round(statistics.median(rates), 1),
             "runs_images_per_sec": [round(r, 1) for r in rates], "load_average_1m": [ld for _, ld in rs],
-            "recipe": recipe, "views": len(rcp.views), "batch_size": batch_size, "device": "cpu",
+            "recipe": recipe, "views": len(rcp.views), "batch_size": batch_size, "device": dev.type,
+            "decode": (("mixed (GPU)" if dev.type == "cuda" else "cpu") if backend == "dali"
+                       else "PIL (CPU workers)"),
         })
     local = {(r["backend"], r["dali_reader"]): r for r in out if r["source"] == "local"}
     for r in out:
@@ -294,10 +349,10 @@ def _ratio_median(a: dict[str, Any], b: dict[str, Any]) -> float:
     return statistics.median(x / y for x, y in zip(a["runs_images_per_sec"], b["runs_images_per_sec"]))
 
 
-def _shard_urls(source: str) -> list[str]:
+def _resolved(source: str, cache_dir: Path):
     from pipeline.data.sources import resolve_source
 
-    return resolve_source(source).paths
+    return resolve_source(source, cache_dir=str(cache_dir), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,18 +400,17 @@ def bench_e2e_remote(urls: dict[str, str], config: str, overrides: list[str], ba
 def markdown_table(results: list[dict[str, Any]], note: str = "") -> str:
     base = {r["image_size"]: r["images_per_sec"] for r in results if r["backend"] == "torch" and
             r.get("source", "local") == "local"}
-    header = ("| source | backend | DALI reader | image_size | cpu_cores | recipe (views) | batch "
+    header = ("| source | backend | DALI reader | decode | image_size | cpu_cores | recipe (views) | batch "
               "| images/sec (median) | runs | vs torch (local) | remote / local | torch / open_clip-style |")
-    lines = [header,
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [header, "|" + " --- |" * 13]
     for r in results:
         ratio = f"{r['images_per_sec'] / base[r['image_size']]:.2f}x" if r["image_size"] in base else "-"
         runs = ", ".join(f"{x:.0f}" for x in r.get("runs_images_per_sec", []))
         vs_local = f"{r['vs_local']:.2f}" if "vs_local" in r else "-"
         vs_oc = f"{r['vs_openclip']:.2f}" if "vs_openclip" in r else "-"
         lines.append(f"| {r.get('source', 'local')} | {r['backend']} | {r.get('dali_reader', '-')} | "
-                     f"{r['image_size']} | {r['cpu_cores']} | {r['recipe']} ({r['views']}) | {r['batch_size']} | "
-                     f"{r['images_per_sec']:.1f} | {runs} | {ratio} | {vs_local} | {vs_oc} |")
+                     f"{r.get('decode', '-')} | {r['image_size']} | {r['cpu_cores']} | {r['recipe']} ({r['views']}) | "
+                     f"{r['batch_size']} | {r['images_per_sec']:.1f} | {runs} | {ratio} | {vs_local} | {vs_oc} |")
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
 
 
@@ -395,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     "loader.num_workers=2", "metrics.log_every=5"],
                    help="overrides of the e2e config")
     p.add_argument("--photos", help="folder of JPEG photos to cut (default: download the Debian wallpapers)")
-    p.add_argument("--workdir", help="where photos, tiles and shards go (default: a temporary folder)")
+    p.add_argument("--workdir", help="where photos, tiles and shards go (default: a temporary folder); shards "
+                   "already there (WORKDIR/shards-IMAGES/manifest.json) are used as they are")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where batches are delivered; cuda: "
+                   "DALI decodes (mixed) and augments on the GPU, torch copies its batches there")
+    p.add_argument("--repeat", type=int, default=1, help="list every shard this many times (links), so an epoch "
+                   "outlasts the measurement as on a real corpus")
     p.add_argument("--output", default="benchmarks/results", help="folder for loader.json and loader.md")
     p.add_argument("--name", default="loader", help="results file stem (loader.json / loader.md)")
     args = p.parse_args(argv)
@@ -403,28 +462,39 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         workdir = Path(args.workdir or tmp)
         shards = prepare_shards(workdir, args.images, args.photos)
+        if args.repeat > 1:
+            shards = repeat_shards(shards, workdir / f"shards-{args.images}-x{args.repeat}", args.repeat)
         results, e2e = [], []
         with loopback_sources(shards, args.sources, workdir / "servers") as urls:
             for size in args.image_size:
                 results += bench_loader(urls, backends=tuple(args.backends), dali_readers=tuple(args.dali_readers),
                                         openclip=args.openclip, image_size=size, batch_size=args.batch_size,
                                         cpu_cores=args.cpu_cores, recipe=args.recipe, batches=args.batches,
-                                        repeats=args.repeats, cache_dir=workdir / "cache")
+                                        repeats=args.repeats, cache_dir=workdir / "cache", device=args.device)
             if args.e2e_steps:
                 e2e = bench_e2e_remote(urls, args.e2e_config,
                                        [*args.e2e_set, f"data.cache_dir={workdir / 'cache'}"],
                                        [b for b in args.backends if b != "openclip"], 5, args.e2e_steps)
+    import torch
+
+    from pipeline.bench.common import environment
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     meta = {"command": "pipeline bench loader " + " ".join(argv if argv is not None else sys.argv[2:]),
-            "host": platform.node(), "cpu_count": os.cpu_count(), "images": args.images, "tile": list(TILE),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_end": [round(x, 1) for x in os.getloadavg()]}
+            "host": platform.node(), "cpu_count": os.cpu_count(), "images": args.images, "repeat": args.repeat,
+            "tile": list(TILE), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(dev, 1),
+            "load_average_end": [round(x, 1) for x in os.getloadavg()]}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results, "e2e": e2e}, indent=1) + "\n")
+    where = f"batches delivered on {meta['environment']['hardware']}" if dev.type == "cuda" else "batches on the CPU"
     table = markdown_table(results, f"`{meta['command'].strip()}` on {meta['host']} ({meta['cpu_count']} CPUs, "
-                                    f"shared: 1-minute load average at each run in loader.json, "
+                                    f"{where}; shared: 1-minute load average at each run in loader.json, "
                                     f"{meta['load_average_end']} at the end; absolute numbers are noisy, the "
                                     f"ratios of runs made next to each other are the measurement), {args.images} "
-                                    f"real JPEG tiles {TILE[0]}x{TILE[1]}, {meta['time']}.")
+                                    f"real JPEG tiles {TILE[0]}x{TILE[1]}"
+                                    f"{f' (each shard listed {args.repeat} times)' if args.repeat > 1 else ''}, "
+                                    f"{meta['time']}.")
     text = "# Loader throughput\n\n" + table
     if e2e:
         text += "\n## End to end: data wait while training\n\n" + e2e_table(e2e)
