@@ -42,3 +42,4 @@ def test_bench_loader_reads_every_source_and_reports_ratios(tmp_path):
     assert all("vs_local" in r for r in results if r["source"] != "local")
     assert all("vs_openclip" in r for r in results if r["backend"] == "torch" and r["source"] != "s3")
     assert "remote / local" in (out / "loader-test.md").read_text()
+    assert all("vs_local_native" in r for r in results if r["source"] != "local" and r["backend"] == "dali")

@@ -336,7 +336,10 @@ def bench_loader(urls: dict[str, str], *, backends: tuple[str, ...] = ("dali", "
     for r in out:
         base = local.get((r["backend"], r["dali_reader"])) or local.get((r["backend"], "auto"))
         if r["source"] != "local" and base:
-            r["vs_local"] = round(_ratio_median(r, base), 3)
+            r["vs_local"] = round(_ratio_median(r, base), 3)  # the same reader on local disk
+        native = local.get(("dali", "native"))
+        if r["source"] != "local" and r["backend"] == "dali" and native:
+            r["vs_local_native"] = round(_ratio_median(r, native), 3)  # what auto picks for local shards
         if r["backend"] == "torch":
             oc = next((o for o in out if o["source"] == r["source"] and o["backend"] == "openclip"), None)
             if oc:
@@ -401,16 +404,19 @@ def markdown_table(results: list[dict[str, Any]], note: str = "") -> str:
     base = {r["image_size"]: r["images_per_sec"] for r in results if r["backend"] == "torch" and
             r.get("source", "local") == "local"}
     header = ("| source | backend | DALI reader | decode | image_size | cpu_cores | recipe (views) | batch "
-              "| images/sec (median) | runs | vs torch (local) | remote / local | torch / open_clip-style |")
-    lines = [header, "|" + " --- |" * 13]
+              "| images/sec (median) | runs | vs torch (local) | remote / local (same reader) "
+              "| remote / local DALI native | torch / open_clip-style |")
+    lines = [header, "|" + " --- |" * 14]
     for r in results:
         ratio = f"{r['images_per_sec'] / base[r['image_size']]:.2f}x" if r["image_size"] in base else "-"
         runs = ", ".join(f"{x:.0f}" for x in r.get("runs_images_per_sec", []))
         vs_local = f"{r['vs_local']:.2f}" if "vs_local" in r else "-"
         vs_oc = f"{r['vs_openclip']:.2f}" if "vs_openclip" in r else "-"
+        vs_native = f"{r['vs_local_native']:.2f}" if "vs_local_native" in r else "-"
         lines.append(f"| {r.get('source', 'local')} | {r['backend']} | {r.get('dali_reader', '-')} | "
                      f"{r.get('decode', '-')} | {r['image_size']} | {r['cpu_cores']} | {r['recipe']} ({r['views']}) | "
-                     f"{r['batch_size']} | {r['images_per_sec']:.1f} | {runs} | {ratio} | {vs_local} | {vs_oc} |")
+                     f"{r['batch_size']} | {r['images_per_sec']:.1f} | {runs} | {ratio} | {vs_local} | {vs_native} | "
+                     f"{vs_oc} |")
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
 
 

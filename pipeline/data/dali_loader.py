@@ -284,23 +284,29 @@ class _Feeder:
         return False
 
     def _run(self, spans: list[tuple[int, int, int]]) -> None:
-        from pipeline.data.torch_loader import iter_span_samples
+        from pipeline.data.torch_loader import _ReadAhead, iter_span_samples
 
         ld, b_size = self.loader, self.loader.batch_size
         block = ld.shuffle_buffer if ld.shuffle and ld.shuffle_buffer > 1 else 1 << 62
         start_pos, pos, pending = self.first * b_size, 0, []
+        todo = []  # (shard, span start, span stop, first block to read, position of the span's first sample)
+        for s, lo, hi in spans:
+            if pos + hi - lo > start_pos:
+                todo.append((s, lo, hi, lo + max(0, start_pos - pos) // block * block, pos))
+            pos += hi - lo
+
+        def samples() -> Iterator:
+            for s, _, hi, first, _ in todo:
+                yield from iter_span_samples(Span(ld.source.shards[s].url, first, hi), ld.policy)
+
+        # reading runs ahead in its own thread (the next shard is fetched while this one's blocks are served)
+        ahead = _ReadAhead(samples(), max(4 * b_size, min(block, 4096)))
+        items = iter(ahead)
         try:
-            for s, lo, hi in spans:
-                n = hi - lo
-                if pos + n <= start_pos:
-                    pos += n
-                    continue
-                skip = max(0, start_pos - pos) // block * block  # whole blocks before the first position
-                url = ld.source.shards[s].url
-                items = iter_span_samples(Span(url, lo + skip, hi), ld.policy)
-                for blk in range(lo + skip, hi, block):
+            for s, lo, hi, first, span_pos in todo:
+                for blk in range(first, hi, block):
                     got = [next(items) for _ in range(min(block, hi - blk))]
-                    base = pos + blk - lo
+                    base = span_pos + blk - lo
                     for p in range(max(base, start_pos), base + len(got)):
                         sample = int(self.order.sample[p])
                         pending.append((s, sample, got[sample - blk]))
@@ -308,10 +314,11 @@ class _Feeder:
                             if not self._put(("batch", pending)):
                                 return
                             pending = []
-                pos += n
             self._put(("end", None))
         except BaseException as exc:  # noqa: BLE001 handed to the consumer, which raises it
             self._put(("error", exc))
+        finally:
+            ahead.close()
 
     def _read(self, b: int) -> list:
         while self.next <= b:
