@@ -136,9 +136,16 @@ class LoaderConfig:
     """Batches prepared ahead per worker."""
     device: str = "auto"
     """Where batches land: ``auto`` (the trainer's device), ``cpu`` or ``cuda``."""
+    dali_reader: str = "auto"
+    """How the DALI backend gets the shards' bytes: ``native`` (DALI's ``fn.readers.webdataset`` reads local
+    files, and ``s3://`` through its AWS SDK with one ranged GET per member), ``stream`` (a reader thread streams
+    each shard whole, one GET per remote shard, as the torch backend does, into DALI's ``external_source``; decode
+    and augmentation stay in DALI) or ``auto`` (native for local shards, stream for remote ones: measured faster
+    on S3, and the only way for ``http(s)://`` and ``pipe:``). See docs/dali.md."""
 
     def __post_init__(self) -> None:
         _check_choice("loader.backend", self.backend, ("auto", "torch", "dali", "synthetic"))
+        _check_choice("loader.dali_reader", self.dali_reader, ("auto", "native", "stream"))
         if self.batch_size < 1:
             raise ConfigError(f"loader.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:

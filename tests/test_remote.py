@@ -68,7 +68,8 @@ def test_torch_backend_streams_s3_and_resumes_exactly(s3_server, s3_shards, tmp_
     from pipeline.data.loader import resolve_backend
 
     cfg = cfg_for(f"{s3_shards}/", tmp_path)
-    assert resolve_backend(cfg) == "torch"  # auto: the DALI backend does not read remote sources (yet)
+    cfg.loader.backend = "torch"  # auto picks DALI (it reads remote sources too): this test is the torch backend's
+    assert resolve_backend(cfg) == "torch"
     env = DistEnv(rank=1, world_size=2)
     full = TorchLoader(cfg, env, CPU, method_recipe(cfg))
     assert full.steps_per_epoch == 84 // 16

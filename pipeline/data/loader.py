@@ -96,28 +96,12 @@ class LoaderPosition:
 
 
 def resolve_backend(cfg: Config) -> str:
-    """``loader.backend``, with ``auto`` resolved: DALI wherever it is installed and can read the source and the
-    configured fields (local shards, no weighted mixture, labels from ``.cls``, captions from ``.txt``), else
-    torch. An explicit ``dali`` on a source it cannot read is refused with the reason."""
-    from pipeline.data.sources import is_remote_value, is_weighted_value
-
+    """``loader.backend``, with ``auto`` resolved: DALI wherever it is installed (it reads every kind of source:
+    local and ``s3://`` shards itself, anything else streamed into it, see ``loader.dali_reader``), else torch."""
     backend = cfg.loader.backend
-    reason = None
-    if is_remote_value(cfg.data.train_shards):
-        reason = "the DALI backend reads local shards only (for now); remote sources stream through loader.backend=torch"
-    elif is_weighted_value(cfg.data.train_shards):
-        reason = "the DALI backend does not read weighted mixtures (for now); use loader.backend=torch"
-    elif cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
-        reason = "the DALI backend reads labels from .cls and captions from .txt only; use loader.backend=torch"
-    if backend == "dali" and reason:
-        from pipeline.config import ConfigError
-
-        raise ConfigError(f"loader.backend=dali: {reason}")
     if backend != "auto":
         return backend
-    if importlib.util.find_spec("nvidia.dali") is None or reason:
-        return "torch"
-    return "dali"
+    return "torch" if importlib.util.find_spec("nvidia.dali") is None else "dali"
 
 
 def build_loader(cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe) -> Loader:
