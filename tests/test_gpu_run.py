@@ -213,7 +213,7 @@ def test_bench_loader_measures_both_backends_on_repeated_shards(tmp_path):
     assert data["meta"]["repeat"] == 2 and data["meta"]["environment"]["device_type"] == "cpu"
     assert "git_commit" in data["meta"]["environment"]
     assert open_shards(work / "shards-40-x2").num_samples == 80
-    assert "| dali | cpu | 32 | 1 |" in (out / "loader.md").read_text()
+    assert "| local | dali | auto | cpu | 32 | 1 |" in (out / "loader.md").read_text()
 
 
 def _run_sh(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
