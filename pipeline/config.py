@@ -129,6 +129,16 @@ class ModelConfig:
     """Accept inputs of any size (position embeddings interpolated): DINO's local crops need it."""
     grad_checkpointing: bool = False
     """Activation checkpointing of the transformer blocks (applied by the engine)."""
+    class_token: bool = True
+    """A class token before the patch tokens (timm's ``class_token``); I-JEPA trains without one."""
+    global_pool: str = "token"
+    """What ``encoder(x)`` returns, the exported features: ``token`` (the class token after the final norm) or
+    ``avg`` (the mean of the normed patch tokens, timm's ``global_pool='avg', fc_norm=False``: I-JEPA's protocol)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.global_pool", self.global_pool, ("token", "avg"))
+        if self.global_pool == "token" and not self.class_token:
+            raise ConfigError("model.global_pool=token needs model.class_token=true; use global_pool=avg without one")
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (also written next to exported weights)."""
@@ -140,6 +150,10 @@ class ModelConfig:
             kwargs["drop_path_rate"] = self.drop_path_rate
         if self.dynamic_img_size:
             kwargs["dynamic_img_size"] = True
+        if not self.class_token:
+            kwargs["class_token"] = False
+        if self.global_pool != "token":
+            kwargs.update(global_pool=self.global_pool, fc_norm=False)
         return kwargs
 
 
@@ -256,6 +270,89 @@ class RotNetConfig:
     """Score all four rotations of every image (Gidaris et al.); false: one random rotation per image."""
 
 
+# -- DINOv2 and I-JEPA (issue #15) --------------------------------------------------------------------------------
+
+
+@dataclass
+class DINOv2Config:
+    """DINOv2's additions to DINO. The image-level DINO part (head sizes, temperatures and their warm-up, centre
+    momentum, EMA momentum, last-layer freeze) is ``method.dino``; the defaults here are dinov2's
+    ``ssl_default_config.yaml``."""
+
+    centering: str = "sinkhorn_knopp"
+    """How teacher outputs become targets, for the DINO and the iBOT loss: ``sinkhorn_knopp`` (SwAV's balanced
+    assignment over the global batch, the DINOv2 paper's choice and its ViT-L/g configs) or ``centering`` (DINO's
+    softmax around an EMA centre of the global batch, dinov2's default config)."""
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.1
+    """Weight of the KoLeo regulariser on the student's class tokens of each global crop (0 disables)."""
+    koleo_global_batch: bool = True
+    """KoLeo's nearest neighbours among the global batch (every rank's crops); false: among this rank's only, as the
+    dinov2 code does (the regulariser then depends on the per-GPU batch)."""
+    ibot_weight: float = 1.0
+    """Weight of iBOT's masked-patch loss (0 disables masking)."""
+    ibot_out_dim: int = 65536
+    """Prototypes of iBOT's own head (dinov2 ``ibot.separate_head=true``; the head is always separate here)."""
+    ibot_hidden_dim: int = 2048
+    ibot_bottleneck_dim: int = 256
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    """Range of the fraction of patches masked in a masked global crop (stratified over the crops of a batch)."""
+    mask_probability: float = 0.5
+    """Fraction of the global crops that are masked (the others only feed the DINO loss)."""
+    mask_min_patches: int = 4
+    """Smallest rectangle area (patches) of the block-wise mask generator."""
+    mask_max_fraction: float = 0.5
+    """Largest rectangle area as a fraction of the patches."""
+    mask_min_aspect: float = 0.3
+    """Rectangle aspect ratios are log-uniform in [min, 1/min]."""
+
+    def __post_init__(self) -> None:
+        _check_choice("method.dinov2.centering", self.centering, ("sinkhorn_knopp", "centering"))
+        lo, hi = self.mask_ratio
+        if not 0 <= lo <= hi < 1:
+            raise ConfigError(f"method.dinov2.mask_ratio must satisfy 0 <= min <= max < 1, got {self.mask_ratio}")
+        if not 0 <= self.mask_probability <= 1:
+            raise ConfigError(f"method.dinov2.mask_probability must be in [0, 1], got {self.mask_probability}")
+        if not 0 < self.mask_min_aspect <= 1:
+            raise ConfigError(f"method.dinov2.mask_min_aspect must be in (0, 1], got {self.mask_min_aspect}")
+
+
+@dataclass
+class IJEPAConfig:
+    """I-JEPA (facebookresearch/ijepa); defaults from its ``configs/in1k_vith14_ep300.yaml``."""
+
+    num_targets: int = 4
+    """Target blocks per image, each predicted from the same context."""
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    """Area of each target block as a fraction of the patches (one size per batch)."""
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    """Aspect ratio (height / width) of the target blocks."""
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    """Area of the (square) context block, before the target patches are removed from it."""
+    min_keep: int = 10
+    """A context must keep more than this many patches (else it is drawn again)."""
+    allow_overlap: bool = False
+    """Let the context see target patches (the paper: false)."""
+    predictor_dim: int = 384
+    """Width of the narrow predictor transformer."""
+    predictor_depth: int = 12
+    predictor_heads: int = 0
+    """Attention heads of the predictor (0: the encoder's, as the reference)."""
+    momentum: float = 0.996
+    """EMA momentum of the target encoder at step 0; rises linearly to ``momentum_end`` (the reference's schedule)."""
+    momentum_end: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("target_scale", "context_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"method.ijepa.{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        if not 0 < self.target_aspect[0] <= self.target_aspect[1]:
+            raise ConfigError(f"method.ijepa.target_aspect must satisfy 0 < min <= max, got {self.target_aspect}")
+        if self.num_targets < 1:
+            raise ConfigError(f"method.ijepa.num_targets must be >= 1, got {self.num_targets}")
+
+
 @dataclass
 class MethodConfig:
     name: str = "simclr"
@@ -277,6 +374,8 @@ class MethodConfig:
     dino: DINOConfig = field(default_factory=DINOConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     rotnet: RotNetConfig = field(default_factory=RotNetConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
 
 
 @dataclass

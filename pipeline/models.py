@@ -21,6 +21,35 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     return model
 
 
+def vit_tokens(encoder: nn.Module, imgs: torch.Tensor, keep: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """timm ViT ``forward_features`` (prefix tokens, then patch tokens, after the final norm) with the two masked
+    inputs self-supervised methods need, both on row-major patch indices:
+
+    * ``mask`` (N x L bool) with ``mask_token`` (1 x D): masked patch embeddings are replaced by the token before
+      the position embedding is added (iBOT, DINOv2 ``prepare_tokens_with_masks``);
+    * ``keep`` (N x K indices): only those patches go through the blocks, after the position embedding (MAE,
+      I-JEPA's context encoder). Prefix tokens (class and register tokens: ``num_prefix_tokens``) always stay.
+    """
+    x = encoder.patch_embed(imgs)  # N x L x D, or N x H x W x D with dynamic_img_size
+    if mask is not None:
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = torch.where(mask.unsqueeze(-1), mask_token.to(flat.dtype), flat).view_as(x)
+    x = encoder._pos_embed(x)  # prefix tokens and position embedding, as forward_features
+    if keep is not None:
+        npre = encoder.num_prefix_tokens
+        patches = torch.gather(x[:, npre:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :npre], patches], dim=1)
+    x = encoder.norm_pre(encoder.patch_drop(x))
+    if getattr(encoder, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from timm.models._manipulate import checkpoint_seq
+
+        x = checkpoint_seq(encoder.blocks, x)
+    else:
+        x = encoder.blocks(x)
+    return encoder.norm(x)
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, norm: str = "none",
         last_norm: bool = False) -> nn.Sequential:
     """Projection/prediction MLP: (Linear [-> BN] -> GELU) x (num_layers-1) -> Linear [-> BN without affine]."""

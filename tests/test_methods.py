@@ -37,6 +37,9 @@ TINY_METHOD = {  # shrink the heads of the CPU presets further for tests
     "vicreg": ["method.proj_dim=64"],
     "dino": ["method.dino.out_dim=128", "method.dino.hidden_dim=64", "method.dino.bottleneck_dim=32"],
     "mae": ["method.mae.decoder_dim=32", "method.mae.decoder_depth=1", "method.mae.decoder_heads=2"],
+    "dinov2": ["method.dino.out_dim=128", "method.dino.hidden_dim=64", "method.dino.bottleneck_dim=32",
+               "method.dinov2.ibot_out_dim=96", "method.dinov2.ibot_hidden_dim=64", "method.dinov2.ibot_bottleneck_dim=32"],
+    "ijepa": ["method.ijepa.predictor_dim=16", "method.ijepa.predictor_depth=1"],
 }
 
 
@@ -91,12 +94,17 @@ def test_preset_forward_backward_and_teachers(name):
     before = {n: p.clone() for n, p in frozen.items()}
     online = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
     step, total = 3, 10
-    base = {"mocov3": cfg.method.mocov3.momentum, "byol": cfg.method.byol.momentum,
-            "dino": cfg.method.dino.momentum}[name]
-    m = 1 - (1 - base) * (1 + math.cos(math.pi * step / (total - 1))) / 2
+    if name == "ijepa":  # linear, as ijepa's momentum_scheduler
+        c = cfg.method.ijepa
+        m = c.momentum + (c.momentum_end - c.momentum) * step / total
+    else:  # cosine to 1
+        base = {"mocov3": cfg.method.mocov3.momentum, "byol": cfg.method.byol.momentum,
+                "dino": cfg.method.dino.momentum, "dinov2": cfg.method.dino.momentum}[name]
+        m = 1 - (1 - base) * (1 + math.cos(math.pi * step / (total - 1))) / 2
     method.after_step(step, total)
     pairs = {"momentum_encoder": "encoder", "momentum_projector": "projector", "target_encoder": "encoder",
-             "target_projector": "projector", "teacher_encoder": "encoder", "teacher_head": "head"}
+             "target_projector": "projector", "teacher_encoder": "encoder", "teacher_head": "head",
+             "teacher_ibot_head": "ibot_head"}
     for n, p in frozen.items():
         teacher, rest = n.split(".", 1)
         src = online[f"{pairs[teacher]}.{rest}"]
@@ -145,6 +153,9 @@ HELD_TARGETS = {
     "byol": ["method.byol.momentum=1.0"],
     "dino": ["method.dino.momentum=1.0", "method.dino.center_momentum=1.0", "method.dino.teacher_temp=0.04",
              "method.dino.warmup_teacher_temp=0.04"],
+    # Sinkhorn-Knopp targets are a function of the (held) teacher's outputs on the batch alone
+    "dinov2": ["method.dino.momentum=1.0", "method.dino.teacher_temp=0.04", "method.dino.warmup_teacher_temp=0.04"],
+    "ijepa": ["method.ijepa.momentum=1.0", "method.ijepa.momentum_end=1.0"],
 }
 NOT_TARGETS = ("running_mean", "running_var", "num_batches_tracked", "steps_done")
 """State that changes in training without changing the loss: BatchNorm statistics (the loss is taken in train

@@ -93,6 +93,13 @@ def mae_recipe(cfg: AugmentConfig) -> Recipe:
     return Recipe("mae", (view,))
 
 
+def ijepa_recipe(cfg: AugmentConfig) -> Recipe:
+    """I-JEPA: one random resized crop, nothing else (ijepa ``make_transforms`` as its configs run it: no flip, no
+    colour distortion, no blur); the masking does the work."""
+    view = ViewSpec(size=cfg.image_size, scale=tuple(cfg.crop_scale), mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return Recipe("ijepa", (view,))
+
+
 def single_recipe(cfg: AugmentConfig) -> Recipe:
     """One lightly augmented view (crop + flip): rotation prediction and supervised baselines."""
     view = ViewSpec(size=cfg.image_size, scale=tuple(cfg.crop_scale), flip_prob=0.5, mean=tuple(cfg.mean),
@@ -112,6 +119,7 @@ RECIPES: dict[str, Callable[[AugmentConfig], Recipe]] = {
     "clip": clip_recipe,
     "mae": mae_recipe,
     "single": single_recipe,
+    "ijepa": ijepa_recipe,
     "eval": eval_recipe,
 }
 

@@ -61,3 +61,12 @@ def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def all_reduce_max_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks without autograd (a shift that keeps Sinkhorn-Knopp's exponentials finite)."""
+    _, ws = world()
+    if ws > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x

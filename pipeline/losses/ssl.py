@@ -20,7 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.gather import all_reduce_sum, all_reduce_sum_no_grad, gather_features, world
+from pipeline.losses.gather import (
+    all_reduce_max_no_grad,
+    all_reduce_sum,
+    all_reduce_sum_no_grad,
+    gather_features,
+    world,
+)
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -99,13 +105,20 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
     """DINO cross-entropy between the centred, sharpened teacher on each global view and the student on every
     other view, averaged over the (teacher view, student view) pairs. All per-sample: no cross-rank term."""
     targets = [F.softmax((t.detach().float() - center) / teacher_temp, dim=-1) for t in teacher]
+    return dino_cross_entropy(student, targets, student_temp)
+
+
+def dino_cross_entropy(student: list[torch.Tensor], targets: list[torch.Tensor], student_temp: float) -> torch.Tensor:
+    """Cross-entropy of the student's softmax on each view against the teacher's target distribution of each other
+    global view, averaged over the (teacher view, student view) pairs: DINO's loss once the teacher's outputs are
+    turned into targets (centred softmax in DINO, Sinkhorn-Knopp in DINOv2). Per-sample: no cross-rank term."""
     logps = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
     total, terms = 0.0, 0
     for iq, q in enumerate(targets):
         for v, logp in enumerate(logps):
             if v == iq:
                 continue
-            total = total + (-q * logp).sum(dim=-1).mean()
+            total = total + (-q.detach() * logp).sum(dim=-1).mean()
             terms += 1
     return total / terms
 
@@ -184,3 +197,81 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
         target = (target - mean) / (var + 1e-6) ** 0.5
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINOv2 (facebookresearch/dinov2 ``loss/``): Sinkhorn-Knopp teacher, iBOT patch loss, KoLeo; I-JEPA's latent loss
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, teacher_temp: float | torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp over the global batch (dinov2 ``sinkhorn_knopp_teacher``, from SwAV):
+    Q = exp(logits / T) of this rank's n rows, scaled so that over all ranks' rows every prototype gets 1/K of the
+    mass and every row 1/N, alternately, ``iterations`` times; returns this rank's n rows, each summing to 1.
+
+    The total and the per-prototype sums are summed over ranks, and N counts every rank's rows (ranks may hold
+    different numbers, as iBOT's masked patches do), exactly as the reference's all-reduces: the result equals one
+    process on the concatenated rows. Deviation, for fp32 range only: the logits are shifted by their global
+    maximum before exp (the first normalisation cancels any common factor)."""
+    x = logits.float() / teacher_temp
+    top = x.max() if x.numel() else torch.full((), float("-inf"), device=x.device)
+    q = torch.exp(x - all_reduce_max_no_grad(top)).t()  # K x n
+    k = q.shape[0]
+    n = all_reduce_sum_no_grad(q.new_full((), q.shape[1]))  # new_full, not torch.tensor: no host-device copy
+    q /= all_reduce_sum_no_grad(q.sum())
+    tiny = torch.finfo(q.dtype).tiny  # a prototype no row reaches stays 0 instead of 0/0
+    for _ in range(iterations):
+        q /= all_reduce_sum_no_grad(q.sum(dim=1, keepdim=True)).clamp_min(tiny) * k
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny) * n
+    return (q * n).t()
+
+
+@torch.no_grad()
+def global_row_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of ``x`` over every rank's rows (ranks may hold different numbers of rows), 1 x D."""
+    x = x.float()
+    total = all_reduce_sum_no_grad(torch.cat([x.sum(dim=0), x.new_full((1,), x.shape[0])]))
+    return (total[:-1] / total[-1].clamp_min(1)).unsqueeze(0)
+
+
+def ibot_patch_loss(student: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, n_crops: int,
+                    student_temp: float) -> torch.Tensor:
+    """iBOT's masked-patch loss (dinov2 ``iBOTPatchLoss.forward_masked``): the cross-entropy of the student's
+    softmax on each masked patch (M x K, all masked patches of this rank's crops) against the teacher's target on
+    the same patch, weighted by 1 / (masked patches of its crop), summed and divided by the crops on this rank
+    (``n_crops``, masked or not). Per-crop terms over an equal number of crops per rank: the mean over ranks is
+    the loss of the global batch."""
+    ce = -(targets.detach() * F.log_softmax(student.float() / student_temp, dim=-1)).sum(dim=-1)
+    return (ce * weights).sum() / n_crops
+
+
+def koleo_loss(x: torch.Tensor, global_batch: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al. 2019; dinov2 ``KoLeoLoss``): -mean_i log ||x_i - x_nn(i)|| of the
+    L2-normalised rows, nn(i) being row i's nearest other row.
+
+    ``global_batch=True`` searches the nearest neighbour among the rows of every rank (gathered with autograd, so a
+    neighbour on another rank receives its gradient), and each rank averages over its own rows: the mean over
+    ranks is the single-process loss on the concatenated batch, whatever the per-GPU batch. Deviation: dinov2
+    searches each rank's own rows only (``global_batch=False``), which makes the regulariser depend on the per-GPU
+    batch size."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    rank, ws = world()
+    everyone, offset = (gather_features(x), rank * x.shape[0]) if global_batch and ws > 1 else (x, 0)
+    with torch.no_grad():
+        dots = x @ everyone.t()
+        rows = torch.arange(x.shape[0], device=x.device)
+        dots[rows, rows + offset] = -1.0  # not oneself (the reference fills the diagonal with -1 too)
+        nn_idx = dots.argmax(dim=1)
+    dist = (x - everyone[nn_idx] + eps).norm(dim=-1)  # torch.nn.PairwiseDistance(2, eps) as the reference
+    return -torch.log(dist + eps).mean()
+
+
+def ijepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """I-JEPA's loss (ijepa ``train.py``): smooth L1 (beta 1) between the predicted and the target latents,
+    averaged over every element of the global batch. Each rank divides the sum of its own elements by the global
+    count (one all-reduce of a scalar, no gradient) times W, so the mean over ranks is the global mean even where
+    ranks predict different numbers of patches (each rank draws its own block sizes)."""
+    _, ws = world()
+    total = F.smooth_l1_loss(pred.float(), target.detach().float(), reduction="sum", beta=1.0)
+    count = all_reduce_sum_no_grad(total.new_full((), target.numel()).detach())
+    return total * ws / count

@@ -81,11 +81,15 @@ class DINO(Method):
         a group's lr is what every engine can hold still, DeepSpeed's flat ZeRO partitions included)."""
         groups = super().param_groups(weight_decay)
         if self.dcfg.freeze_last_layer_steps > 0:
-            last = self.head.last_layer.weight
-            groups[0]["params"] = [p for p in groups[0]["params"] if p is not last]
-            groups.append({"params": [last], "weight_decay": weight_decay,
+            last = self.last_layers()
+            groups[0]["params"] = [p for p in groups[0]["params"] if all(p is not q for q in last)]
+            groups.append({"params": last, "weight_decay": weight_decay,
                            "frozen_steps": self.dcfg.freeze_last_layer_steps})
         return groups
+
+    def last_layers(self) -> list[nn.Parameter]:
+        """The prototype layers held still for ``freeze_last_layer_steps``."""
+        return [self.head.last_layer.weight]
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -12,6 +12,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.loader import Batch
 from pipeline.losses.ssl import mae_loss
 from pipeline.methods.base import Method
+from pipeline.models import vit_tokens
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -65,28 +66,7 @@ class MAE(Method):
 
     def encode_visible(self, imgs: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` with the masked patches dropped after the position embedding."""
-        enc = self.encoder
-        x = enc.patch_embed(imgs)
-        x = x.flatten(1, 2) if x.ndim == 4 else x  # dynamic_img_size gives B x H x W x D
-        npre = enc.num_prefix_tokens
-        pos = enc.pos_embed
-        patch_pos, prefix_pos = (pos, None) if enc.no_embed_class else (pos[:, npre:], pos[:, :npre])
-        if patch_pos.shape[1] != x.shape[1]:
-            raise ValueError(f"MAE: {x.shape[1]} patches but {patch_pos.shape[1]} position embeddings")
-        x = x + patch_pos
-        x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, enc.reg_token) if t is not None]
-        if prefix:
-            prefix = torch.cat(prefix, dim=1)
-            x = torch.cat([prefix if prefix_pos is None else prefix + prefix_pos, x], dim=1)
-        x = enc.norm_pre(enc.pos_drop(x))
-        if getattr(enc, "grad_checkpointing", False) and self.training:
-            from timm.models._manipulate import checkpoint_seq
-
-            x = checkpoint_seq(enc.blocks, x)
-        else:
-            x = enc.blocks(x)
-        return enc.norm(x)
+        return vit_tokens(self.encoder, imgs, keep=keep_idx)
 
     def decode(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         npre = self.encoder.num_prefix_tokens
