@@ -127,19 +127,16 @@ def _first_true(mask: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
 
 
-def multiblock_masks(n: int, grid: tuple[int, int], num_targets: int = 4, target_scale: tuple[float, float] = (0.15, 0.2),
-                     target_aspect: tuple[float, float] = (0.75, 1.5), context_scale: tuple[float, float] = (0.85, 1.0),
-                     min_keep: int = 10, allow_overlap: bool = False, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """I-JEPA's masks for ``n`` images on a ``grid`` of patches: ``num_targets`` target blocks (one size for the
-    batch, drawn from ``target_scale`` and ``target_aspect``; a position per image and block) and one square
-    context block (size from ``context_scale``) from which every target patch is removed, so context and targets
-    are disjoint (``allow_overlap=False``). A context left with ``min_keep`` patches or fewer is drawn again; after
-    20 failures in a row one target block stops constraining it (the reference's fallback, which only binds on
-    small grids). Every image then keeps as many context and target patches as the one with the fewest
-    (``min_keep`` truncation: the first ones in row-major order), so the batch stacks.
-
-    Returns (context indices n x Kc, target indices n x num_targets x Kt), patch indices in row-major order."""
+def multiblock(n: int, grid: tuple[int, int], num_targets: int = 4, target_scale: tuple[float, float] = (0.15, 0.2),
+               target_aspect: tuple[float, float] = (0.75, 1.5), context_scale: tuple[float, float] = (0.85, 1.0),
+               min_keep: int = 10, allow_overlap: bool = False, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-JEPA's blocks for ``n`` images on a ``grid`` of patches, as boolean masks: ``num_targets`` target blocks
+    (one size for the batch, drawn from ``target_scale`` and ``target_aspect``; a position per image and block)
+    and one square context block (size from ``context_scale``) from which every target patch is removed, so context
+    and targets are disjoint (``allow_overlap=False``). A context left with ``min_keep`` patches or fewer is drawn
+    again; after 20 failures in a row one target block stops constraining it (the reference's fallback, which
+    only binds on small grids). Returns (context n x L, targets n x num_targets x L), row-major patches."""
     height, width = grid
     t_size = block_size(target_scale, target_aspect, grid, generator)
     c_size = block_size(context_scale, (1.0, 1.0), grid, generator)
@@ -164,9 +161,15 @@ def multiblock_masks(n: int, grid: tuple[int, int], num_targets: int = 4, target
         failures[bad] += 1
         relaxed[bad] += failures[bad] == 20
         failures[bad] %= 20
-    context, targets = context.flatten(1), targets.flatten(2)
-    kc, kt = int(context.sum(1).min()), int(targets.sum(2).min())
-    return _first_true(context, kc), _first_true(targets, kt)
+    return context.flatten(1), targets.flatten(2)
+
+
+def multiblock_masks(n: int, grid: tuple[int, int], *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`multiblock` as patch indices: every image keeps as many context and target patches as the one with
+    the fewest (the reference's ``min_keep`` truncation, the first ones in row-major order), so the batch stacks.
+    Returns (context indices n x Kc, target indices n x num_targets x Kt), ascending."""
+    context, targets = multiblock(n, grid, *args, **kwargs)
+    return _first_true(context, int(context.sum(1).min())), _first_true(targets, int(targets.sum(2).min()))
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
