@@ -103,6 +103,30 @@ def test_preset_forward_backward_and_teachers(name):
         torch.testing.assert_close(p, m * before[n] + (1 - m) * src, rtol=1e-6, atol=1e-7)
 
 
+EMA_METHODS = [n for n in REGISTERED if n in ("mocov3", "byol", "dino")]
+
+
+@pytest.mark.parametrize("name", EMA_METHODS)
+def test_ema_teacher_has_no_stochastic_depth(name):
+    """With ``model.drop_path_rate`` > 0 the student keeps its stochastic depth but the teacher does not (DINO's
+    ``main_dino.py`` builds the teacher without drop path): in train mode two teacher forwards of the same batch
+    are identical, two student forwards are not, and with drop path off the two networks agree exactly."""
+    cfg = tiny_config(name, ["model.drop_path_rate=0.5"])
+    torch.manual_seed(0)
+    method = build_method(cfg).train()
+    teachers = [m for n, m in method.named_children() if n.endswith("encoder") and n != "encoder"]
+    assert len(teachers) == 1, [n for n, _ in method.named_children()]
+    teacher = teachers[0]
+    x = torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        t1, t2 = teacher(x), teacher(x)
+        s1, s2 = method.encoder(x), method.encoder(x)
+        assert not torch.equal(s1, s2), "the student must keep its stochastic depth"
+        assert torch.equal(t1, t2), "the teacher's forward must not be random"
+        method.encoder.eval()  # stochastic depth off: same weights, same function
+        torch.testing.assert_close(method.encoder(x), t1)
+
+
 def test_dino_freezes_last_layer_and_schedules_weight_decay():
     """Through the real engine (optimizer and schedule): DINO's last layer stays exactly as initialised for
     ``freeze_last_layer_steps`` optimizer steps while the rest of the network trains, then moves; every
