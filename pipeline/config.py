@@ -95,7 +95,9 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     """Area range of random resized crops of the global views."""
     jitter_strength: float = 1.0
-    """Colour jitter strength s: brightness/contrast/saturation 0.8s, hue 0.2s (SimCLR)."""
+    """Colour jitter strength s, scaling the recipe's own jitter: brightness/contrast/saturation/hue
+    (0.8, 0.8, 0.8, 0.2) x s for ``simclr`` (SimCLR), (0.4, 0.4, 0.2, 0.1) x s for ``byol`` and ``dino`` (BYOL,
+    MoCo v3, Barlow Twins, VICReg, DINO)."""
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
