@@ -334,11 +334,16 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     clip_grad_norm: float = 1.0
-    """Global gradient-norm clipping threshold (0 disables)."""
+    """Gradient-norm clipping threshold (0 disables)."""
+    clip_grad_mode: str = "global"
+    """``global``: scale all gradients together so their joint norm is at most ``clip_grad_norm`` (torch's
+    ``clip_grad_norm_``); ``per_param``: each parameter's gradient on its own norm, as DINO's
+    ``utils.clip_gradients`` (DDP and FSDP2; DeepSpeed clips globally only)."""
     accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
 
     def __post_init__(self) -> None:
+        _check_choice("optim.clip_grad_mode", self.clip_grad_mode, ("global", "per_param"))
         if self.accumulation_steps < 1:
             raise ConfigError(f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.lr <= 0:
