@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.config import Config
-from pipeline.data.loader import iter_eval_batches
+from pipeline.data.torch_loader import iter_eval_batches
 from pipeline.distributed import DistEnv
 
 

@@ -13,9 +13,10 @@ pytest.importorskip("nvidia.dali")
 
 from pipeline.config import config_from_dict, load_config
 from pipeline.data import dali_loader as D
-from pipeline.data.loader import TorchLoader
 from pipeline.data.shards import Item, ShardError, write_dali_index, write_shards
+from pipeline.data.torch_loader import TorchLoader
 from pipeline.distributed import DistEnv
+from pipeline.methods import method_recipe
 from tests.multirank import run_ranks
 
 
@@ -40,6 +41,10 @@ def make_cfg(shards, **loader) -> "Config":  # noqa: F821
     })
 
 
+def dali_loader(cfg, env: DistEnv | None = None, device: torch.device | None = None) -> D.DaliLoader:
+    return D.DaliLoader(cfg, env or DistEnv(), device or torch.device("cpu"), method_recipe(cfg))
+
+
 def take(loader, n: int) -> list:
     it = iter(loader)
     return [next(it) for _ in range(n)]
@@ -47,7 +52,7 @@ def take(loader, n: int) -> list:
 
 def test_dali_yields_the_same_batch_as_the_torch_backend(jpeg_shards):
     cfg = make_cfg(jpeg_shards)
-    dali, tv = D.DaliLoader(cfg, DistEnv(), torch.device("cpu")), TorchLoader(cfg, DistEnv(), torch.device("cpu"))
+    dali, tv = dali_loader(cfg), TorchLoader(cfg, DistEnv(), torch.device("cpu"), method_recipe(cfg))
     assert dali.steps_per_epoch == tv.steps_per_epoch == 70 // 4
     d, t = take(dali, 1)[0], take(tv, 1)[0]
     assert len(d.views) == len(t.views) == 2
@@ -60,7 +65,7 @@ def test_dali_yields_the_same_batch_as_the_torch_backend(jpeg_shards):
 
 
 def test_epochs_cover_each_sample_once_and_reshuffle(jpeg_shards):
-    loader = D.DaliLoader(make_cfg(jpeg_shards), DistEnv(), torch.device("cpu"))
+    loader = dali_loader(make_cfg(jpeg_shards))
     steps = loader.steps_per_epoch
     batches = take(loader, 2 * steps + 1)
     epoch0 = [k for b in batches[:steps] for k in b.keys]
@@ -73,7 +78,7 @@ def test_epochs_cover_each_sample_once_and_reshuffle(jpeg_shards):
 
 def _state_after(shards: str, n: int) -> tuple[dict, dict]:
     """In a fresh process: the loader's job and rank state after ``n`` batches."""
-    loader = D.DaliLoader(make_cfg(shards), DistEnv(), torch.device("cpu"))
+    loader = dali_loader(make_cfg(shards))
     it = iter(loader)  # kept alive, as in the trainer: the state is taken between two batches
     for _ in range(n):
         next(it)
@@ -82,7 +87,7 @@ def _state_after(shards: str, n: int) -> tuple[dict, dict]:
 
 def _resume(cfg, state: dict, rank_state: dict | None) -> tuple[list, list]:
     """Batches of a loader resumed at ``state``, and the DALI checkpoints its pipelines were built from."""
-    loader = D.DaliLoader(cfg, DistEnv(), torch.device("cpu"))
+    loader = dali_loader(cfg)
     built, build = [], loader.build_pipeline
     loader.build_pipeline = lambda epoch, checkpoint=None: built.append(checkpoint) or build(epoch, checkpoint)
     loader.load_state_dict(state)
@@ -94,8 +99,8 @@ def _resume(cfg, state: dict, rank_state: dict | None) -> tuple[list, list]:
 @pytest.mark.parametrize("how", ["dali_checkpoint", "replay"])
 def test_resume_mid_epoch_continues_exactly(jpeg_shards, how):
     cfg = make_cfg(jpeg_shards)
-    steps = D.DaliLoader(cfg, DistEnv(), torch.device("cpu")).steps_per_epoch
-    ref = take(D.DaliLoader(cfg, DistEnv(), torch.device("cpu")), steps + 3)
+    steps = dali_loader(cfg).steps_per_epoch
+    ref = take(dali_loader(cfg), steps + 3)
     for first in (5, steps + 1):
         # the state is taken in another process, as after a crash: DALI's checkpoint must travel
         (state, rank_state), = run_ranks(_state_after, str(jpeg_shards), first, world_size=1, init_pg=False)
@@ -112,7 +117,7 @@ def test_resume_mid_epoch_continues_exactly(jpeg_shards, how):
 
 def test_unusable_dali_checkpoint_falls_back_to_replay(jpeg_shards):
     cfg = make_cfg(jpeg_shards)
-    ref = take(D.DaliLoader(cfg, DistEnv(), torch.device("cpu")), 6)
+    ref = take(dali_loader(cfg), 6)
     got, built = _resume(cfg, {"epoch": 0, "batch": 4}, {"epoch": 0, "batch": 4, "dali": b"not a checkpoint"})
     assert built == [b"not a checkpoint", None]
     assert [g.keys for g in got] == [r.keys for r in ref[4:6]]
@@ -123,7 +128,7 @@ def test_unusable_dali_checkpoint_falls_back_to_replay(jpeg_shards):
 
 def _rank_keys(shards: str, epochs: int) -> tuple[int, list[list[str]]]:
     env = DistEnv(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    loader = D.DaliLoader(make_cfg(shards), env, torch.device("cpu"))
+    loader = dali_loader(make_cfg(shards), env, torch.device("cpu"))
     batches = take(loader, epochs * loader.steps_per_epoch)
     per_epoch = [[k for b in batches[e * loader.steps_per_epoch : (e + 1) * loader.steps_per_epoch] for k in b.keys]
                  for e in range(epochs)]
@@ -171,7 +176,7 @@ def _bad_shards(tmp_path: Path, bad: bytes | None) -> Path:
 def test_sample_without_image_is_skipped_and_counted(tmp_path):
     cfg = make_cfg(_bad_shards(tmp_path, None))
     cfg.data.verify = "none"  # the tar was rewritten after the manifest
-    loader = D.DaliLoader(cfg, DistEnv(), torch.device("cpu"))
+    loader = dali_loader(cfg)
     assert loader.skipped == 1 and loader.num_samples == 11 and loader.steps_per_epoch == 2
     keys = [k for b in take(loader, 2 * loader.steps_per_epoch) for k in b.keys]
     assert "000000005" not in keys
@@ -187,7 +192,7 @@ def test_undecodable_image_names_shard_and_key(tmp_path, kind):
     root = _bad_shards(tmp_path, bad)
     cfg = make_cfg(root, batch_size=12)
     cfg.data.verify = "none"
-    loader = D.DaliLoader(cfg, DistEnv(), torch.device("cpu"))
+    loader = dali_loader(cfg)
     with pytest.raises(ShardError) as err:
         take(loader, 1)
     assert f"{root / 'shard-000000.tar'}:000000005" in str(err.value)
@@ -199,7 +204,7 @@ def test_missing_index_is_created_or_reported_with_its_command(tmp_path, monkeyp
     idx = root / "shard-000000.idx"
     expected = idx.read_text()
     idx.unlink()
-    D.DaliLoader(make_cfg(root), DistEnv(), torch.device("cpu"))
+    dali_loader(make_cfg(root))
     assert idx.read_text() == expected
 
     idx.unlink()
@@ -209,7 +214,7 @@ def test_missing_index_is_created_or_reported_with_its_command(tmp_path, monkeyp
 
     monkeypatch.setattr(D, "write_dali_index", read_only)
     with pytest.raises(ShardError, match=f"wds2idx {root / 'shard-000000.tar'} {idx}"):
-        D.DaliLoader(make_cfg(root), DistEnv(), torch.device("cpu"))
+        dali_loader(make_cfg(root))
 
 
 def test_captions_pass_through_the_clip_recipe(tmp_path):
@@ -219,7 +224,7 @@ def test_captions_pass_through_the_clip_recipe(tmp_path):
     write_shards(items, tmp_path / "caps", image_format="jpg", progress=False)
     cfg = make_cfg(tmp_path / "caps")
     cfg.augment.recipe = "clip"
-    batch = take(D.DaliLoader(cfg, DistEnv(), torch.device("cpu")), 1)[0]
+    batch = take(dali_loader(cfg), 1)[0]
     assert len(batch.views) == 1
     assert [t for t in batch.texts] == [f"caption number {int(k)}" for k in batch.keys]
     assert (batch.labels == -1).all()
@@ -238,7 +243,7 @@ def test_training_run_with_the_dali_backend(fmnist_shards, tmp_path):
 
 @pytest.mark.gpu
 def test_mixed_decode_on_the_gpu(jpeg_shards):
-    loader = D.DaliLoader(make_cfg(jpeg_shards), DistEnv(), torch.device("cuda", 0))
+    loader = dali_loader(make_cfg(jpeg_shards), DistEnv(), torch.device("cuda", 0))
     batch = take(loader, 1)[0]
     assert all(v.is_cuda and v.shape == (4, 3, 16, 16) for v in batch.views)
     assert batch.labels.is_cuda
@@ -250,7 +255,7 @@ def test_auto_backend_is_dali_where_installed_and_readable(jpeg_shards):
     cfg = make_cfg(jpeg_shards, backend="auto")
     assert cfg.loader.backend == "auto" == config_from_dict({}).loader.backend  # the default
     assert resolve_backend(cfg) == "dali"
-    assert isinstance(build_loader(cfg, DistEnv(), torch.device("cpu")), D.DaliLoader)
+    assert isinstance(build_loader(cfg, DistEnv(), torch.device("cpu"), method_recipe(cfg)), D.DaliLoader)
     cfg.data.label_key = "label.txt"  # a field the DALI backend does not read: auto keeps to torch
     assert resolve_backend(cfg) == "torch"
-    assert isinstance(build_loader(cfg, DistEnv(), torch.device("cpu")), TorchLoader)
+    assert isinstance(build_loader(cfg, DistEnv(), torch.device("cpu"), method_recipe(cfg)), TorchLoader)

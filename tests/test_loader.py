@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.loader import TorchLoader, plan_range, shard_order, steps_per_epoch
+from pipeline.data.plan import plan_range, shard_order, steps_per_epoch
 from pipeline.data.shards import ShardError, open_shards
+from pipeline.data.torch_loader import TorchLoader
 from pipeline.distributed import DistEnv
+from pipeline.methods import method_recipe
 from tests.conftest import tiny_overrides
 
 CPU = torch.device("cpu")
@@ -20,7 +22,7 @@ def _epoch_keys(cfg, world, epoch=0):
     """Keys each rank's loader yields in one epoch, per batch."""
     out = []
     for rank in range(world):
-        ld = TorchLoader(cfg, DistEnv(rank=rank, world_size=world), CPU)
+        ld = TorchLoader(cfg, DistEnv(rank=rank, world_size=world), CPU, method_recipe(cfg))
         ld.load_state_dict({"epoch": epoch, "batch": 0})
         out.append([b.keys for b in itertools.islice(iter(ld), ld.steps_per_epoch)])
     return out
@@ -48,11 +50,11 @@ def test_epochs_differ_and_are_reproducible(fmnist_shards, tmp_path):
 def test_resume_mid_epoch_continues_with_identical_batches(fmnist_shards, tmp_path):
     cfg = _cfg(fmnist_shards, tmp_path, **{"loader.num_workers": 2})
     env = DistEnv(rank=1, world_size=2)
-    full = TorchLoader(cfg, env, CPU)
+    full = TorchLoader(cfg, env, CPU, method_recipe(cfg))
     it = iter(full)
     batches = [next(it) for _ in range(full.steps_per_epoch + 3)]  # crosses into the next epoch
     for cut in (5, full.steps_per_epoch - 1):
-        resumed = TorchLoader(cfg, env, CPU)
+        resumed = TorchLoader(cfg, env, CPU, method_recipe(cfg))
         resumed.load_state_dict({"epoch": 0, "batch": cut})
         rest = list(itertools.islice(iter(resumed), len(batches) - cut))
         for a, b in zip(batches[cut:], rest):
@@ -63,7 +65,7 @@ def test_resume_mid_epoch_continues_with_identical_batches(fmnist_shards, tmp_pa
 
 def test_two_views_differ_and_are_normalised(fmnist_shards, tmp_path):
     cfg = _cfg(fmnist_shards, tmp_path)
-    batch = next(iter(TorchLoader(cfg, DistEnv(), CPU)))
+    batch = next(iter(TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))))
     v1, v2 = batch.views
     assert v1.shape == v2.shape == (32, 3, 28, 28) and v1.dtype == torch.float32
     assert not torch.equal(v1, v2)
@@ -89,11 +91,12 @@ def test_bad_data_errors_name_the_shard(fmnist_shards, tmp_path):
     shard = bad / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[:40_000])  # truncate mid-sample
     with pytest.raises(ShardError, match="shard-000000.tar"):
-        ld = TorchLoader(cfg, DistEnv(), CPU)
+        ld = TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))
         for _ in itertools.islice(iter(ld), ld.steps_per_epoch):
             pass
     cfg = _cfg(fmnist_shards, tmp_path, **{"data.image_key": "jpg"})
     with pytest.raises(ShardError, match="no 'jpg' field"):
-        TorchLoader(cfg, DistEnv(), CPU)
+        TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))
     with pytest.raises(ShardError, match="fewer than one global batch"):
-        TorchLoader(_cfg(fmnist_shards, tmp_path, **{"loader.batch_size": 4096}), DistEnv(), CPU)
+        cfg = _cfg(fmnist_shards, tmp_path, **{"loader.batch_size": 4096})
+        TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))

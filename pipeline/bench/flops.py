@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config
-from pipeline.data.loader import Batch, default_recipe
+from pipeline.data.loader import Batch
 
 # Dense (non-sparse) peak FLOP/s by datasheet, per device, per compute dtype. Matched against
 # ``torch.cuda.get_device_name()`` in order: the first key contained in the name wins, so specific names
@@ -90,9 +90,9 @@ def count_step_flops(cfg: Config) -> dict[str, float]:
 
     Counted single-process: with world size W the contrastive loss scores against W x more keys, a term the
     scaling model (``pipeline.bench.scaling``) adds analytically."""
-    from pipeline.methods import build_method
+    from pipeline.methods import build_method, method_recipe
 
-    recipe = default_recipe(cfg)
+    recipe = method_recipe(cfg)
     b = cfg.loader.batch_size
     with torch.device("meta"):
         method = build_method(cfg)

@@ -106,7 +106,7 @@ def bench_loader(shards: str | Path, *, backends: tuple[str, ...] = ("dali", "to
                 "loader": {"backend": backend, "batch_size": batch_size, "num_workers": cpu_cores},
                 "augment": {"recipe": recipe, "image_size": image_size},
             })
-            loader = build_loader(cfg, DistEnv(), torch.device("cpu"))
+            loader = build_loader(cfg, DistEnv(), torch.device("cpu"), build_recipe(cfg.augment))
             rates[backend].append(_measure(loader, warmup, batches))
             del loader
     views = len(build_recipe(config_from_dict({"augment": {"recipe": recipe, "image_size": image_size}}).augment).views)

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.data.loader import SyntheticLoader
+from pipeline.data.synthetic import SyntheticLoader
 from pipeline.distributed import DistEnv
 from pipeline.engines import build_engine
 from pipeline.engines.base import Engine, resolve_precision
-from pipeline.methods import build_method
+from pipeline.methods import build_method, method_recipe
 from pipeline.trainer import seed_everything
 
 KINDS = ("params", "master", "grads", "optim", "buckets", "other")
@@ -109,7 +109,7 @@ def bench_memory_rank(cfg: Config, env: DistEnv, device: torch.device, steps: in
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     engine = build_engine(cfg, env, device)
     engine.setup(method, steps)
-    batches = iter(SyntheticLoader(cfg, env, device))
+    batches = iter(SyntheticLoader(cfg, env, device, method_recipe(cfg)))
     accum = cfg.optim.accumulation_steps
     start = time.perf_counter()
     for step in range(steps):

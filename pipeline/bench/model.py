@@ -22,11 +22,11 @@ import torch
 from pipeline.bench.common import peak_memory_gib, reset_peak_memory, sync
 from pipeline.bench.flops import count_step_flops, device_name, measure_peak_flops, table_peak_flops
 from pipeline.config import Config
-from pipeline.data.loader import SyntheticLoader
+from pipeline.data.synthetic import SyntheticLoader
 from pipeline.distributed import DistEnv
 from pipeline.engines import build_engine
 from pipeline.engines.base import resolve_precision
-from pipeline.methods import build_method
+from pipeline.methods import build_method, method_recipe
 from pipeline.trainer import seed_everything
 
 
@@ -69,7 +69,7 @@ def time_steps(cfg: Config, env: DistEnv, device: torch.device, warmup: int, ste
     engine = build_engine(cfg, env, device)
     total = warmup + steps
     engine.setup(method, total)
-    it = iter(SyntheticLoader(cfg, env, device))
+    it = iter(SyntheticLoader(cfg, env, device, method_recipe(cfg)))
     accum = cfg.optim.accumulation_steps
     windows = max(1, min(windows, steps))
     bounds = {warmup + round(i * steps / windows) for i in range(windows + 1)}

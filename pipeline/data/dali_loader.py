@@ -1,9 +1,9 @@
 """The DALI backend: WebDataset shards -> ``fn.readers.webdataset`` -> decode (``mixed`` on a GPU, ``cpu``
 without one) -> the recipe's views rendered as DALI ops -> ``DALIGenericIterator`` -> :class:`Batch`.
 
-How an epoch is split, compared with the torch backend (``pipeline.data.loader``):
+How an epoch is split, compared with the torch backend (``pipeline.data.torch_loader``):
 
-- Same: the shard order is shuffled with :func:`~pipeline.data.loader.shard_order` seeded by ``(run.seed,
+- Same: the shard order is shuffled with :func:`~pipeline.data.plan.shard_order` seeded by ``(run.seed,
   epoch)`` and the shards are laid end to end; the stream is split at sample level into one contiguous range
   per rank (DALI's ``shard_id = rank``, ``num_shards = world size``), so every sample is read by at most one
   rank per epoch; every rank takes exactly ``steps_per_epoch = samples // (batch x world)`` batches.
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.loader import Batch, LoaderPosition, default_recipe, shard_order, steps_per_epoch
+from pipeline.data.loader import Batch, LoaderPosition
+from pipeline.data.plan import shard_order, steps_per_epoch
 from pipeline.data.recipes import Recipe, ViewSpec
 from pipeline.data.shards import ShardError, ShardSet, open_shards, write_dali_index
 from pipeline.distributed import DistEnv
@@ -239,8 +240,8 @@ def _key_of(source_info: str) -> str:
 class DaliLoader(LoaderPosition):
     """The DALI backend of the :class:`~pipeline.data.loader.Loader` protocol."""
 
-    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, *, shards: str | None = None,
-                 recipe: Recipe | None = None, shuffle: bool = True) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe, *, shards: str | None = None,
+                 shuffle: bool = True) -> None:
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as exc:
@@ -248,7 +249,7 @@ class DaliLoader(LoaderPosition):
                               "(or loader.backend=torch)") from exc
         self.env, self.device = env, device
         self.shards = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
-        self.recipe = recipe or default_recipe(cfg)
+        self.recipe = recipe
         fields = self.shards.manifest.get("fields", [])
         if cfg.data.image_key == "auto":
             self.image_exts = list(self.shards.manifest.get("image_keys") or [self.shards.image_key])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import Config
+from pipeline.data.recipes import Recipe, build_recipe
 from pipeline.methods.base import Method
 from pipeline.methods.byol import BYOL
 from pipeline.methods.clip import CLIP
@@ -30,6 +31,12 @@ METHODS: dict[str, type[Method]] = {
     "dinov2": DINOv2,
     "ijepa": IJEPA,
 }
+
+
+def method_recipe(cfg: Config) -> Recipe:
+    """``augment.recipe``, where ``auto`` means the recipe of the method named by ``method.name``."""
+    method = METHODS.get(cfg.method.name)
+    return build_recipe(cfg.augment, method_recipe=method.recipe if method else None)
 
 
 def build_method(cfg: Config) -> Method:
