@@ -307,6 +307,12 @@ class DINOv2Config:
     """Largest rectangle area as a fraction of the patches."""
     mask_min_aspect: float = 0.3
     """Rectangle aspect ratios are log-uniform in [min, 1/min]."""
+    layerwise_decay: float = 0.9
+    """Layer-wise learning-rate decay of the encoder: block i (of n) trains at decay^(n - i) of the rate, the patch
+    embedding, position embedding and class and mask tokens at decay^(n + 1), the final norm and the heads at the
+    full rate (dinov2 ``optim.layerwise_decay``; 1 disables)."""
+    patch_embed_lr_mult: float = 0.2
+    """Further factor on the patch embedding's learning rate (dinov2 ``optim.patch_embed_lr_mult``)."""
 
     def __post_init__(self) -> None:
         _check_choice("method.dinov2.centering", self.centering, ("sinkhorn_knopp", "centering"))
@@ -317,6 +323,9 @@ class DINOv2Config:
             raise ConfigError(f"method.dinov2.mask_probability must be in [0, 1], got {self.mask_probability}")
         if not 0 < self.mask_min_aspect <= 1:
             raise ConfigError(f"method.dinov2.mask_min_aspect must be in (0, 1], got {self.mask_min_aspect}")
+        if not (0 < self.layerwise_decay <= 1 and self.patch_embed_lr_mult > 0):
+            raise ConfigError("method.dinov2.layerwise_decay must be in (0, 1] and patch_embed_lr_mult > 0, got "
+                              f"{self.layerwise_decay} and {self.patch_embed_lr_mult}")
 
 
 @dataclass

@@ -428,3 +428,53 @@ def test_methods_on_two_ranks_match_one_process():
         else:
             assert loss_err < 1e-5 and grad_err < 1e-4 and buf_err < 1e-5, (name, loss_err, grad_err, buf_err)
     assert single["centering"]["buffers"]["center"].any() and single["centering"]["buffers"]["ibot_center"].any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimiser groups: layer-wise learning-rate decay, patch-embedding multiplier, both heads' last layers held
+
+
+def ref_lr_decay_rate(name, lr_decay_rate, num_layers):
+    """dinov2 ``get_vit_lr_decay_rate`` for a backbone parameter (force_is_backbone, no chunked blocks)."""
+    layer_id = num_layers + 1
+    if "pos_embed" in name or "patch_embed" in name or "mask_token" in name or "cls_token" in name:
+        layer_id = 0
+    elif "blocks." in name and "residual." not in name:
+        layer_id = int(name[name.find("blocks."):].split(".")[1]) + 1
+    return lr_decay_rate ** (num_layers + 1 - layer_id)
+
+
+def test_dinov2_param_groups_decay_layerwise_and_hold_both_last_layers():
+    from pipeline.distributed import DistEnv
+    from pipeline.engines import build_engine
+
+    cfg = tiny_config("dinov2", ["method.dinov2.layerwise_decay=0.5", "method.dinov2.patch_embed_lr_mult=0.2",
+                                 "method.dino.freeze_last_layer_steps=2", "optim.warmup_steps=0"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    names = {id(p): n for n, p in method.named_parameters()}
+    groups = method.param_groups(0.04)
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(n for n, p in method.named_parameters() if p.requires_grad)  # each once
+    for g in groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            if name.startswith("encoder.") or name == "mask_token":  # the reference's backbone (its mask token too)
+                want = ref_lr_decay_rate(name.removeprefix("encoder."), 0.5, 2)
+                want *= 0.2 if "patch_embed" in name else 1.0
+            else:  # heads: full rate
+                want = 1.0
+            assert g["lr_scale"] == pytest.approx(want), name
+            assert (g.get("frozen_steps", 0) == 2) == name.endswith("last_layer.weight"), name
+    assert {names[id(p)] for g in groups if g.get("frozen_steps") for p in g["params"]} == {
+        "head.last_layer.weight", "ibot_head.last_layer.weight"}
+    engine = build_engine(cfg, DistEnv(), torch.device("cpu"))
+    engine.setup(method, 4)
+    for step in range(4):  # the engine's schedule applies each group's factor to the common rate
+        lr = engine.scheduler.lrs[step]
+        for g in engine.optimizer.param_groups:
+            held = step < g.get("frozen_steps", 0)
+            assert g["lr"] == pytest.approx(0.0 if held else lr * g["lr_scale"]), (step, g["lr_scale"])
+        engine.micro_step(random_batch(cfg, method, seed=step), sync=True, scale=1.0)
+        engine.step()
+        method.after_step(step, 4)

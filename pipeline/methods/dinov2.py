@@ -20,8 +20,9 @@ Deviations from the reference, on purpose: the iBOT head is always separate from
 ``ibot.separate_head=true``, its ViT-L/g configs; sharing is not offered); in ``centering`` mode the iBOT centre is the
 mean over the masked teacher patches of the global batch (the reference averages over a padded buffer of a fixed
 upper bound of rows); KoLeo over the global batch unless ``koleo_global_batch=false``; masks are drawn in the method,
-not in the loader's collate (``pipeline.methods.masking``); no layer-wise learning-rate decay or patch-embedding
-learning-rate multiplier.
+not in the loader's collate (``pipeline.methods.masking``); position embedding, class and register tokens are
+exempt from weight decay (as every method here; dinov2 exempts only biases and norms), and register tokens are in
+layer 0 of the layer-wise decay (dinov2 leaves them at the full rate, for want of a name it matches).
 """
 
 from __future__ import annotations
@@ -115,6 +116,31 @@ class DINOv2(DINO):
             loss = loss + c.ibot_weight * ibot
             metrics["ibot"] = ibot.detach()
         return loss, metrics
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate factor of parameter ``name`` (dinov2 ``get_vit_lr_decay_rate`` and ``patch_embed_lr_mult``):
+        layer 0 is the patch embedding, position embedding, class and mask tokens, layer i + 1 block i, layer n + 1
+        the rest of the encoder and the heads, each at decay^(n + 1 - layer)."""
+        c, n = self.v2cfg, len(self.encoder.blocks)
+        layer = n + 1
+        if name == "mask_token" or name.startswith(
+                ("encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_token", "encoder.reg_token")):
+            layer = 0
+        elif name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        scale = c.layerwise_decay ** (n + 1 - layer)
+        return scale * c.patch_embed_lr_mult if name.startswith("encoder.patch_embed.") else scale
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """DINO's groups (weight decay or not, the last layers held still), each split by ``lr_scale``."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        out: dict[tuple, dict] = {}
+        for group in super().param_groups(weight_decay):
+            for p in group["params"]:
+                scale = self.lr_scale(names[id(p)])
+                key = (group["weight_decay"], group.get("frozen_steps", 0), scale)
+                out.setdefault(key, {**group, "params": [], "lr_scale": scale})["params"].append(p)
+        return list(out.values())
 
     def last_layers(self) -> list[nn.Parameter]:
         """Both heads' prototype layers are held still for ``freeze_last_layer_steps`` (dinov2 ``is_last_layer``)."""
