@@ -478,3 +478,13 @@ def test_dinov2_param_groups_decay_layerwise_and_hold_both_last_layers():
         engine.micro_step(random_batch(cfg, method, seed=step), sync=True, scale=1.0)
         engine.step()
         method.after_step(step, 4)
+
+
+def test_cli_help_lists_dinov2_and_ijepa(capsys):
+    from pipeline.cli import METHOD_NAMES, main
+    from pipeline.methods import METHODS
+
+    assert list(METHOD_NAMES) == [n for n in METHODS if not n.endswith("_test")]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "dinov2, ijepa" in " ".join(capsys.readouterr().out.split())

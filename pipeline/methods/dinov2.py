@@ -16,7 +16,10 @@ over the global batch; KoLeo searches neighbours in the global batch (``koleo_gl
 cross-entropies are per-sample with per-rank normalisers that are equal on every rank (tests/test_methods.py checks
 all of it against one process on the concatenated batch).
 
-Deviations from the reference, on purpose: the iBOT head is always separate from the DINO head (dinov2's
+Deviations from the reference, on purpose: the heads' prototype layers keep unit-norm weights (DINO's
+``norm_last_layer=True``, the ``DINOHead`` shared with DINO; dinov2 lets their weight-norm scale train); the
+gradient is clipped as ``optim.clip_grad_mode`` says (dinov2 clips the backbone and each head on its own norm);
+the iBOT head is always separate from the DINO head (dinov2's
 ``ibot.separate_head=true``, its ViT-L/g configs; sharing is not offered); in ``centering`` mode the iBOT centre is the
 mean over the masked teacher patches of the global batch (the reference averages over a padded buffer of a fixed
 upper bound of rows); KoLeo over the global batch unless ``koleo_global_batch=false``; masks are drawn in the method,
