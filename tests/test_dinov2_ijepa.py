@@ -472,6 +472,7 @@ def test_dinov2_param_groups_decay_layerwise_and_hold_both_last_layers():
     engine.setup(method, 4)
     for step in range(4):  # the engine's schedule applies each group's factor to the common rate
         lr = engine.scheduler.lrs[step]
+        assert engine.lr == pytest.approx(lr)  # what the metrics log: the schedule's rate, not a scaled group's
         for g in engine.optimizer.param_groups:
             held = step < g.get("frozen_steps", 0)
             assert g["lr"] == pytest.approx(0.0 if held else lr * g["lr_scale"]), (step, g["lr_scale"])

@@ -124,7 +124,9 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The schedule's learning rate at this step (groups with an ``lr_scale`` train at a multiple of it)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def resident_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The training state this rank holds, by kind: ``params`` (what the model computes with: this rank's
