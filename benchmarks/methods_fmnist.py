@@ -71,7 +71,7 @@ def main() -> int:
     env, device = read_dist_env(), torch.device("cpu")
     torch.set_num_threads(1)  # one thread: the 2-core machine is shared, more threads only thrash
     for name in args.methods.split(","):
-        preset = "configs/quickstart.yaml" if name == "simclr" else f"configs/{name}.yaml"
+        preset = f"configs/{name}.yaml"
         cfg = load_config(preset, [
             f"run.output_dir={out / 'runs'}", f"run.name={name}", "checkpoint.resume=auto",
             f"data.train_shards={shards['captions' if name == 'clip' else 'train']}",
