@@ -128,6 +128,9 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    global_pool: str | None = None
+    """Override how the timm model pools its tokens into the feature vector (ViT: ``token`` = the class token,
+    ``avg`` = mean of the patch tokens; None keeps the preset's)."""
     dynamic_img_size: bool = False
     """Accept inputs of any size (position embeddings interpolated). DINO turns it on itself when its local crops
     are smaller than the global views (its reference ViT interpolates position embeddings for every input)."""
@@ -137,7 +140,7 @@ class ModelConfig:
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (also written next to exported weights)."""
         kwargs: dict[str, Any] = {"img_size": self.img_size, "num_classes": 0}
-        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        for key in ("patch_size", "embed_dim", "depth", "num_heads", "global_pool"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
         if self.drop_path_rate:
