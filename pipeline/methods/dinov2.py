@@ -16,9 +16,8 @@ over the global batch; KoLeo searches neighbours in the global batch (``koleo_gl
 cross-entropies are per-sample with per-rank normalisers that are equal on every rank (tests/test_methods.py checks
 all of it against one process on the concatenated batch).
 
-Deviations from the reference, on purpose: the heads' prototype layers keep unit-norm weights (DINO's
-``norm_last_layer=True``, the ``DINOHead`` shared with DINO; dinov2 lets their weight-norm scale train); the
-gradient is clipped as ``optim.clip_grad_mode`` says (dinov2 clips the backbone and each head on its own norm);
+Both heads are DINO's ``DINOHead``; dinov2 always trains their weight-norm scale (``method.dino.norm_last_layer=false``
+in the DINOv2 presets). Deviations from the reference, on purpose: the gradient is clipped as ``optim.clip_grad_mode`` says (dinov2 clips the backbone and each head on its own norm);
 the iBOT head is always separate from the DINO head (dinov2's
 ``ibot.separate_head=true``, its ViT-L/g configs; sharing is not offered); in ``centering`` mode the iBOT centre is the
 mean over the masked teacher patches of the global batch (the reference averages over a padded buffer of a fixed
@@ -57,7 +56,8 @@ class DINOv2(DINO):
             raise ConfigError(f"DINOv2 masks patch tokens: it needs a ViT, got {cfg.model.name}")
         self.do_ibot = c.ibot_weight > 0 and c.mask_probability > 0 and c.mask_ratio[1] > 0
         if self.do_ibot:
-            self.ibot_head = DINOHead(self.embed_dim, c.ibot_out_dim, c.ibot_hidden_dim, c.ibot_bottleneck_dim)
+            self.ibot_head = DINOHead(self.embed_dim, c.ibot_out_dim, c.ibot_hidden_dim, c.ibot_bottleneck_dim,
+                                      self.dcfg.norm_last_layer)
             self.teacher_ibot_head = self.make_teacher(self.ibot_head)
             self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))  # zeros, as dinov2's backbone
             self.register_buffer("ibot_center", torch.zeros(1, c.ibot_out_dim))
@@ -147,7 +147,7 @@ class DINOv2(DINO):
 
     def last_layers(self) -> list[nn.Parameter]:
         """Both heads' prototype layers are held still for ``freeze_last_layer_steps`` (dinov2 ``is_last_layer``)."""
-        return super().last_layers() + ([self.ibot_head.last_layer.weight] if self.do_ibot else [])
+        return super().last_layers() + (list(self.ibot_head.last_layer.parameters()) if self.do_ibot else [])
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -11,11 +11,11 @@ per target patch (plus that patch's position) for each target block separately, 
 the encoder's width. Loss: smooth L1 over the global batch. The target encoder's EMA momentum rises linearly.
 
 Prefix tokens (a class token, register tokens) go through both encoders with the patches and are never predicted;
-the I-JEPA presets build the encoder without a class token and pool the mean of the patch tokens
-(``model.class_token=false``, ``model.global_pool=avg``), as the paper evaluates.
+the I-JEPA presets build the encoder without a class token and pool the mean of the normed patch tokens
+(``model.class_token=false``, ``model.global_pool=avg``, ``model.fc_norm=false``), as the paper evaluates.
 
-Deviations from the reference, on purpose: the encoder's position embedding starts at the same 2-D sine-cosine
-values but is trained (timm holds it as a parameter; the reference freezes it); block sizes are drawn per rank,
+The encoder's position embedding is the reference's fixed 2-D sine-cosine table (a buffer under timm's name).
+Deviations from the reference, on purpose: block sizes are drawn per rank,
 not from a seed every rank shares, and the loss divides by the global element count so it still is the global
 batch's mean; masks are drawn in the method, not in the loader's collate (see ``masking``).
 """
@@ -32,9 +32,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.loader import Batch
 from pipeline.losses.ssl import ijepa_loss
 from pipeline.methods.base import Method
-from pipeline.methods.mae import sincos_pos_embed_2d
 from pipeline.methods.masking import multiblock_masks, to_device
-from pipeline.models import ema_update, vit_tokens
+from pipeline.models import ema_update, sincos_pos_embed_2d, use_fixed_pos_embed, vit_tokens
 
 
 class IJEPAPredictor(nn.Module):
@@ -90,10 +89,9 @@ class IJEPA(Method):
             raise ConfigError(f"I-JEPA's sine-cosine position embeddings need widths divisible by 4, got "
                               f"method.ijepa.predictor_dim={c.predictor_dim} and an encoder of {self.embed_dim}")
         self.grid = tuple(enc.patch_embed.grid_size)
-        with torch.no_grad():  # the reference's fixed 2-D sine-cosine embedding, zero for prefix positions
-            patches = sincos_pos_embed_2d(self.embed_dim, self.grid)
-            enc.pos_embed.zero_()
-            enc.pos_embed[:, enc.pos_embed.shape[1] - patches.shape[1]:] = patches
+        # The reference's fixed 2-D sine-cosine position embedding (zeros for prefix tokens), a buffer under timm's
+        # name so the export still loads into timm.
+        use_fixed_pos_embed(enc)
         heads = c.predictor_heads or getattr(enc.blocks[0].attn, "num_heads", 1)
         if c.predictor_dim % heads:
             raise ConfigError(f"method.ijepa.predictor_dim={c.predictor_dim} is not divisible by {heads} heads; "
