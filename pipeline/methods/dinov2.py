@@ -13,18 +13,26 @@ the local crops unmasked; the EMA teacher sees the global crops unmasked. Losses
 
 Cross-rank terms, all through ``pipeline.losses.gather``: Sinkhorn-Knopp's sums (and counts) and the centres are
 over the global batch; KoLeo searches neighbours in the global batch (``koleo_global_batch``); the DINO and iBOT
-cross-entropies are per-sample with per-rank normalisers that are equal on every rank (tests/test_methods.py checks
-all of it against one process on the concatenated batch).
+cross-entropies are per-sample with per-rank normalisers that are equal on every rank (tests/test_dinov2_ijepa.py
+checks all of it against one process on the concatenated batch).
 
-Both heads are DINO's ``DINOHead``; dinov2 always trains their weight-norm scale (``method.dino.norm_last_layer=false``
-in the DINOv2 presets). Deviations from the reference, on purpose: the gradient is clipped as ``optim.clip_grad_mode`` says (dinov2 clips the backbone and each head on its own norm);
-the iBOT head is always separate from the DINO head (dinov2's
-``ibot.separate_head=true``, its ViT-L/g configs; sharing is not offered); in ``centering`` mode the iBOT centre is the
-mean over the masked teacher patches of the global batch (the reference averages over a padded buffer of a fixed
-upper bound of rows); KoLeo over the global batch unless ``koleo_global_batch=false``; masks are drawn in the method,
-not in the loader's collate (``pipeline.methods.masking``); position embedding, class and register tokens are
-exempt from weight decay (as every method here; dinov2 exempts only biases and norms), and register tokens are in
-layer 0 of the layer-wise decay (dinov2 leaves them at the full rate, for want of a name it matches).
+Both heads are DINO's ``DINOHead``; dinov2 always trains their weight-norm scale (the DINOv2 presets set
+``method.dino.norm_last_layer=false``), and holds both prototype layers still for the first epoch. The encoder's
+learning rate decays layer-wise (``layerwise_decay``, ``patch_embed_lr_mult``) as dinov2's param groups.
+
+Deviations from the reference, on purpose:
+
+* the gradient is clipped as ``optim.clip_grad_mode`` says (dinov2 clips the backbone and each head on its own
+  norm);
+* the iBOT head is always separate from the DINO head (dinov2's ``ibot.separate_head=true``, its ViT-L/g configs;
+  sharing one head is not offered);
+* in ``centering`` mode the iBOT centre is the mean over the masked teacher patches of the global batch (the
+  reference averages over a padded buffer of a fixed upper bound of rows);
+* KoLeo over the global batch unless ``koleo_global_batch=false`` (dinov2: each rank's own crops);
+* masks are drawn in the method, not in the loader's collate (``pipeline.methods.masking``);
+* position embedding, class and register tokens are exempt from weight decay (as in every method here; dinov2
+  exempts only biases and norms), and register tokens sit in layer 0 of the layer-wise decay (dinov2 leaves them at
+  the full rate, for want of a name it matches).
 """
 
 from __future__ import annotations
