@@ -15,9 +15,15 @@ the I-JEPA presets build the encoder without a class token and pool the mean of 
 (``model.class_token=false``, ``model.global_pool=avg``, ``model.fc_norm=false``), as the paper evaluates.
 
 The encoder's position embedding is the reference's fixed 2-D sine-cosine table (a buffer under timm's name).
-Deviations from the reference, on purpose: block sizes are drawn per rank,
-not from a seed every rank shares, and the loss divides by the global element count so it still is the global
-batch's mean; masks are drawn in the method, not in the loader's collate (see ``masking``).
+
+Deviations from the reference, on purpose:
+
+* block sizes are drawn per rank, not from a seed every rank shares, and the loss divides by the global element
+  count, so it is still the global batch's mean;
+* a block's scale and aspect are two draws (the reference reuses one for both), and blocks may touch the last row
+  and column (the reference's ``randint`` never places them there), both in ``masking``;
+* masks are drawn in the method, not in the loader's collate;
+* the learning rate warms up from ~0 (the reference from ``start_lr``), along the pipeline's shared schedule.
 """
 
 from __future__ import annotations
