@@ -8,9 +8,12 @@ PY := $(VENV)/bin/python
 # torch first, from the versions this machine serves locally; override on other machines (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
+# img2dataset pins webdataset<0.3 (the project uses 1.0.x): the tests run it from a virtualenv of its own.
+IMG2DATASET_VENV ?= .venv-img2dataset
+IMG2DATASET_SPEC ?= img2dataset>=1.45,<2
 DATA := data/fashion-mnist
 
-.PHONY: quickstart test install data data-captions lint clean
+.PHONY: quickstart test install img2dataset data data-captions lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+$(IMG2DATASET_VENV)/.installed:
+	$(PYTHON) -m venv $(IMG2DATASET_VENV)
+	$(IMG2DATASET_VENV)/bin/python -m pip install -q '$(IMG2DATASET_SPEC)'
+	touch $@
+
+img2dataset: $(IMG2DATASET_VENV)/.installed
 
 $(FMNIST)/train-images-idx3-ubyte.gz:
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
@@ -44,7 +54,7 @@ quickstart: $(VENV)/.installed data
 	rm -rf runs/quickstart
 	OMP_NUM_THREADS=1 $(PY) -m pipeline launch configs/quickstart.yaml $(ARGS)
 
-test: $(VENV)/.installed $(FMNIST)/train-images-idx3-ubyte.gz
+test: $(VENV)/.installed $(IMG2DATASET_VENV)/.installed $(FMNIST)/train-images-idx3-ubyte.gz
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

@@ -25,6 +25,7 @@ import submitit
 from submitit.slurm.slurm import SlurmExecutor
 
 from pipeline.config import Config, config_from_dict, config_to_dict
+from pipeline.rundir import owner_writes_only
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _TERMINAL_STATES = {
@@ -251,8 +252,12 @@ def _job_config(cfg: Config) -> dict[str, Any]:
 
 
 def submit_slurm(cfg: Config) -> submitit.Job:
-    """Submit ``cfg`` as one Slurm job running :class:`TrainJob` on every task; returns submitit's handle."""
-    return make_executor(cfg).submit(TrainJob(_job_config(cfg)))
+    """Submit ``cfg`` as one Slurm job running :class:`TrainJob` on every task; returns submitit's handle.
+
+    submitit's folder holds the job's pickle, which every (re)start of the job unpickles and runs: it is created
+    writable by its owner only, and so is everything the job writes (sbatch hands our umask to the job)."""
+    with owner_writes_only():
+        return make_executor(cfg).submit(TrainJob(_job_config(cfg)))
 
 
 def launch_slurm(cfg: Config, *, dry_run: bool = False, wait: bool = False) -> int:
@@ -298,14 +303,36 @@ def _squeue_state(job_id: str) -> str | None:
     return lines[0] if lines else ""
 
 
+class _Inert:
+    """Stands in for every class or function a result pickle names: built, called or given state, it does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _OutcomeUnpickler(pickle.Unpickler):
+    """Reads submitit's ``(status, result or traceback)`` without importing or calling anything the file names
+    (``pickle.load`` would, and the file sits in the run directory): status and traceback are plain strings, and
+    that is all the launcher reads."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Inert
+
+
 def _read_outcome(job: submitit.Job) -> tuple[str, Any] | None:
     path = job.paths.result_pickle
     if not path.exists():
         return None
     try:
         with path.open("rb") as f:
-            return pickle.load(f)
-    except (EOFError, pickle.UnpicklingError):
+            return _OutcomeUnpickler(f).load()
+    except Exception:  # noqa: BLE001 (half-written or garbled: no outcome yet, as before)
         return None
 
 

@@ -1,4 +1,4 @@
-"""``pipeline``: shards write | train | launch | eval | export (| bench)."""
+"""``pipeline``: shards write | shards index | train | launch | eval | export (| bench)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,22 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
     )
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.output} "
           f"({manifest['num_skipped']} skipped)")
+    return 0
+
+
+def cmd_shards_index(args: argparse.Namespace) -> int:
+    from pipeline.data.sources import cache_root, index_source
+    from pipeline.data.storage import RetryPolicy
+
+    source = index_source(args.source, cache_dir=args.cache, workers=args.workers, refresh=args.refresh,
+                          progress=not args.no_progress, policy=RetryPolicy(args.retries))
+    cache = cache_root(args.cache)
+    for st in source.streams:
+        beside = sum(1 for s in st.shards if s.index and not str(s.index).startswith(str(cache)))
+        print(f"{st.spec}: {len(st.shards)} shards, {st.num_samples} samples, fields {st.fields or 'unknown'}; "
+              f"DALI indexes: {beside} beside the shards, {len(st.shards) - beside} in {cache / 'index'}")
+    print(f"resolved sources cached in {cache / 'sources'}: a run with data.train_shards={args.source!r}"
+          f"{f' data.cache_dir={args.cache}' if args.cache else ''} starts without listing or counting")
     return 0
 
 
@@ -171,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(fn=cmd_shards_write)
 
+    ix = shards.add_parser(
+        "index", help="count samples and write DALI indexes of existing shards (local, s3://, http(s)://, pipe:)",
+        description="Write what a run needs and the shards lack: a DALI index file per shard (beside the shards if "
+                    "their folder is writable, else in the cache), a manifest.json beside a writable local folder, "
+                    "and the resolved source (shard list + counts) in the cache. Reads each shard that has no index "
+                    "once, in parallel; never copies data.")
+    ix.add_argument("source", help="any data source: folder, brace pattern, s3://..., http(s)://..., pipe:..., "
+                                   "several joined by ::")
+    ix.add_argument("--cache", help="cache folder (default: $XDG_CACHE_HOME/ssl-pipeline); give the training "
+                                    "run the same data.cache_dir")
+    ix.add_argument("--workers", type=int, default=16, help="shards read at once")
+    ix.add_argument("--retries", type=int, default=3, help="retries of a failing remote read")
+    ix.add_argument("--refresh", action="store_true", help="re-resolve even if the cache has this source")
+    ix.add_argument("--no-progress", action="store_true")
+    ix.set_defaults(fn=cmd_shards_index)
+
     t = sub.add_parser("train", help="train in this process (one rank; use torchrun or `launch` for more)")
     _add_config_args(t)
     t.set_defaults(fn=cmd_train)
@@ -185,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="kNN + linear probe of an exported encoder on labelled shards")
     e.add_argument("model", help="run directory or export folder (model.safetensors + config.json)")
-    e.add_argument("--train-shards", required=True)
-    e.add_argument("--test-shards", required=True)
+    e.add_argument("--train-shards", required=True, help="labelled shards: any data source (folder, pattern, URL)")
+    e.add_argument("--test-shards", required=True, help="labelled shards: any data source (folder, pattern, URL)")
     e.add_argument("--max-train-samples", type=int, default=0)
     e.add_argument("--baselines", action="store_true", help="also random-init encoder and raw pixels")
     e.add_argument("--output", help="write the results JSON here")

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.rundir import write_atomic
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used: unknown key, wrong type or invalid value."""
@@ -40,26 +42,80 @@ class RunConfig:
         return Path(self.output_dir) / self.name
 
 
+def _check_source(where: str, value: Any) -> Any:
+    """The shape of a data source value (what it names is checked when it is resolved, in
+    ``pipeline.data.sources``): a string, or a list of strings and ``{shards: ..., weight: ...}`` mappings."""
+    def ok(item: Any, top: bool) -> bool:
+        if isinstance(item, str):
+            return True
+        if isinstance(item, dict):
+            return set(item) <= {"shards", "weight"} and isinstance(item.get("shards"), str)
+        return top and isinstance(item, list) and all(ok(i, False) for i in item)
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if value is None:
+        value = ""
+    if not ok(value, True):
+        raise ConfigError(f"{where} must be a source (folder, pattern, URL), a list of sources, or a list of "
+                          f"{{shards: SOURCE, weight: W}}; got {value!r}")
+    return value
+
+
 @dataclass
 class DataConfig:
-    train_shards: str = ""
-    """Folder written by ``pipeline shards write`` (holds manifest.json and the tar shards)."""
-    eval_train_shards: str = ""
-    """Labelled shards the kNN index and linear probe are fitted on (empty: skip eval)."""
-    eval_test_shards: str = ""
-    """Labelled shards the kNN and linear probe are scored on."""
+    train_shards: Any = ""
+    """Where the training shards are: a folder written by ``pipeline shards write``, any folder of ``.tar``
+    shards, one tar, a brace pattern (``/data/{00000..00099}.tar``) or glob, ``file://``, ``s3://bucket/prefix/``
+    or ``s3://.../{...}.tar``, ``http(s)://.../{...}.tar``, ``pipe:COMMAND``; several joined by ``::`` or as a
+    YAML list; a weighted mixture as a list of ``{shards: SOURCE, weight: W}`` (W: per-epoch repeat factor).
+    See ``pipeline.data.sources``."""
+    eval_train_shards: Any = ""
+    """Labelled shards the kNN index and linear probe are fitted on (empty: skip eval); any source form."""
+    eval_test_shards: Any = ""
+    """Labelled shards the kNN and linear probe are scored on; any source form."""
     image_key: str = "auto"
-    """Sample field holding the encoded image; ``auto`` takes the manifest's image key."""
+    """Sample field holding the encoded image: ``auto`` takes the first of jpg, jpeg, png, webp, bmp, gif, tif,
+    tiff present in each sample; or one field (``png``), or alternatives in order (``jpg;png``)."""
     label_key: str = "cls"
-    """Sample field holding the integer class label (optional for pretraining)."""
+    """Sample field holding the integer class label (optional for pretraining), or a field of the sample's JSON
+    member as ``json:FIELD`` (dotted for nested keys)."""
     text_key: str = "txt"
-    """Sample field holding the caption (image+text methods)."""
+    """Sample field holding the caption (image+text methods): ``txt``, or a field of the JSON member as
+    ``json:caption`` (dotted for nested keys)."""
     verify: str = "size"
-    """Check shards against the manifest before reading: ``none``, ``size`` (cheap, catches truncation) or
-    ``sha256`` (reads every byte)."""
+    """Check local shards before reading: ``none``, ``size`` (against the manifest or the cached sizes: cheap,
+    catches truncation and rewrites) or ``sha256`` (reads every byte; manifests of ``pipeline shards write``)."""
+    cache_dir: str = ""
+    """Where resolved sources (shard lists, counts) and the DALI index files of remote or read-only shards are
+    cached; empty: ``$XDG_CACHE_HOME/ssl-pipeline`` (``~/.cache/ssl-pipeline``). On a cluster, a folder every
+    node sees (home usually is) lets every job start without listing or counting the corpus again."""
+    auto_index: int = 256
+    """Most local shards without a sample count (no manifest, ``_stats.json`` or ``.idx``) that a run scans
+    itself on rank 0 (the others wait); beyond that, and for remote shards, the run stops and prints the
+    ``pipeline shards index`` command that counts them once. 0: never scan at start."""
+    max_bad_fraction: float = 0.001
+    """Undecodable or unreadable samples (counted, replaced by another sample of the same batch, reported as
+    ``bad_samples`` in the metrics) tolerated as a fraction of the samples trained on; past it the run stops
+    with an error naming the last bad sample. Checked on log steps over all ranks."""
+    retries: int = 3
+    """Retries of a failing remote read (object store or HTTP: connection errors, timeouts, 5xx, throttling)
+    before the run stops with an error naming the URL."""
+    retry_backoff_s: float = 1.0
+    """Sleep before the first retry; doubles with each retry (capped at 60 s)."""
 
     def __post_init__(self) -> None:
         _check_choice("data.verify", self.verify, ("none", "size", "sha256"))
+        for name in ("train_shards", "eval_train_shards", "eval_test_shards"):
+            setattr(self, name, _check_source(f"data.{name}", getattr(self, name)))
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.retries < 0 or self.retry_backoff_s < 0 or self.auto_index < 0:
+            raise ConfigError("data.retries, data.retry_backoff_s and data.auto_index must be >= 0")
+        for name in ("label_key", "text_key"):
+            value = getattr(self, name)
+            if not value or (value.startswith("json:") and not value[5:]):
+                raise ConfigError(f"data.{name} must be a field name or json:FIELD, got {value!r}")
 
 
 @dataclass
@@ -795,4 +851,4 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # `pipeline export` may be reading it

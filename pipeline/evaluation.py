@@ -131,9 +131,9 @@ def zero_shot_accuracy(cfg: Config, method: torch.nn.Module, shards: str | Path,
     """Top-1 accuracy of an image-text method (``zero_shot_classifier`` + ``encode_image``) on labelled shards:
     class embeddings from the prompt templates ``method.clip.zero_shot_templates`` filled with the class names of
     the shards' manifest. Collective when distributed; every rank gets the result."""
-    from pipeline.data.shards import open_shards
+    from pipeline.data.sources import resolve_for_job
 
-    classes = open_shards(shards, cfg.data.verify).classes
+    classes = resolve_for_job(shards, cfg.data, where="data.eval_test_shards", progress=False).classes
     if not classes:
         raise ValueError(f"{shards}: the manifest names no classes, so there is nothing to prompt with")
     classifier = method.zero_shot_classifier(classes)

@@ -34,6 +34,7 @@ from pipeline.distributed import (
 from pipeline.engines import build_engine
 from pipeline.export import export_encoder, load_exported
 from pipeline.methods import build_method
+from pipeline.rundir import owner_writes_only, write_atomic
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -111,7 +112,8 @@ def train(cfg: Config, report: Callable[[dict[str, Any]], None] | None = None,
     created_group = not torch.distributed.is_initialized()
     init_distributed(env, device, cfg.engine.backend)
     try:
-        return Trainer(cfg, env, device, report, stop).run()
+        with owner_writes_only():  # nothing in the run directory group- or world-writable, whatever the umask
+            return Trainer(cfg, env, device, report, stop).run()
     finally:
         if created_group:
             destroy_distributed()
@@ -145,6 +147,8 @@ class Trainer:
         engine.setup(method, total)
         seed_everything(cfg.run.seed + 1000 * env.rank + 1)  # per-rank streams (masking, etc.)
         loader = build_loader(cfg, env, device, recipe=build_recipe(cfg.augment, method_recipe=method.recipe))
+        if getattr(loader, "shards", None) is not None and hasattr(loader.shards, "describe"):
+            print0(f"data: {loader.shards.describe()}")
 
         step = 0
         if resume_from is not None:
@@ -195,7 +199,7 @@ class Trainer:
                 if env.is_main:
                     summary["zero_shot"] = zero_shot
         if env.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         barrier()
         return summary
 
@@ -248,7 +252,12 @@ class Trainer:
             if step % log_every == 0 or is_last:
                 self._check_finite(first_bad, step)
                 elapsed = time.perf_counter() - window_start
-                loss_val = all_reduce_mean(loss_sum / max(1, n_loss)).item()
+                # one collective for the loss and the loaders' bad-sample counts (host ints, summed over ranks)
+                stats = torch.stack([(loss_sum / max(1, n_loss)).double(),
+                                     torch.tensor(float(loader.bad_samples), dtype=torch.float64, device=device)])
+                loss_val, bad_mean = all_reduce_mean(stats).tolist()
+                bad_samples = round(bad_mean * env.world_size)
+                self._check_bad_samples(bad_samples, step, loader)
                 rate = window_images / elapsed
                 metrics = {
                     "loss": loss_val, "lr": engine.lr,
@@ -256,6 +265,7 @@ class Trainer:
                     "images_per_sec": rate * env.world_size,
                     "data_wait_fraction": wait / elapsed,
                     "epoch": loader.epoch + loader.batch / max(1, loader.steps_per_epoch),
+                    "bad_samples": bad_samples,
                 }
                 if skip_nonfinite:
                     metrics["skipped_steps"] = skipped
@@ -301,6 +311,19 @@ class Trainer:
 
     def _save(self, step: int, engine, loader) -> None:
         self.ckpt.save(step, engine, {"loader": loader.state_dict()}, {"loader": loader.rank_state_dict()})
+
+    def _check_bad_samples(self, bad_samples: int, step: int, loader) -> None:
+        """Stop past ``data.max_bad_fraction`` of the samples trained on (all ranks see the same sums)."""
+        cfg = self.cfg
+        seen = step * cfg.optim.accumulation_steps * cfg.loader.batch_size * self.env.world_size
+        if bad_samples and bad_samples > cfg.data.max_bad_fraction * seen:
+            from pipeline.data.shards import ShardError
+
+            raise ShardError(
+                f"{bad_samples} of the {seen} samples trained on by step {step} were bad ({bad_samples / seen:.2%}), "
+                f"more than data.max_bad_fraction={cfg.data.max_bad_fraction:g}; last bad sample on rank "
+                f"{self.env.rank}: {loader.last_bad or '(none on this rank)'}. Fix or drop those shards, or raise "
+                f"data.max_bad_fraction")
 
     def _check_finite(self, first_bad: torch.Tensor, step: int) -> None:
         bad = first_bad.clone()

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# FASHION_MNIST_DIR: the same IDX files elsewhere (the GPU run carries a subset: benchmarks/gpu/README.md)
+FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+pytest_plugins = ["tests.data_servers"]  # s3_server, http_server, wds_shards, img2dataset_shards
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.plan import plan_range, shard_order, steps_per_epoch
+from pipeline.data.plan import epoch_spans, plan_range, shard_order, steps_per_epoch
 from pipeline.data.shards import ShardError, open_shards
 from pipeline.data.torch_loader import TorchLoader
 from pipeline.distributed import DistEnv
@@ -75,13 +75,14 @@ def test_two_views_differ_and_are_normalised(fmnist_shards, tmp_path):
 
 def test_plan_range_spans_shard_boundaries(fmnist_shards):
     shards = open_shards(fmnist_shards["train"])
+    spans = plan_range(epoch_spans(shards, 0, 0), 250, 700)
     order = shard_order(len(shards.paths), 0, 0)
-    spans = plan_range(shards, order, 250, 700)
+    assert [s.path for s in spans] == [str(shards.paths[i]) for i in order[:3]]
     assert sum(s.stop - s.start for s in spans) == 450
     assert spans[0].start == 250 and len(spans) == 3
 
 
-def test_bad_data_errors_name_the_shard(fmnist_shards, tmp_path):
+def test_truncated_shard_counts_its_lost_samples_and_errors_name_the_shard(fmnist_shards, tmp_path):
     import shutil
 
     bad = tmp_path / "bad"
@@ -89,11 +90,13 @@ def test_bad_data_errors_name_the_shard(fmnist_shards, tmp_path):
     cfg = _cfg({**fmnist_shards, "train": bad}, tmp_path, **{"data.verify": "none", "loader.num_workers": 0,
                                              "loader.shuffle_buffer": 0})
     shard = bad / "shard-000000.tar"
-    shard.write_bytes(shard.read_bytes()[:40_000])  # truncate mid-sample
-    with pytest.raises(ShardError, match="shard-000000.tar"):
-        ld = TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))
-        for _ in itertools.islice(iter(ld), ld.steps_per_epoch):
-            pass
+    shard.write_bytes(shard.read_bytes()[:40_000])  # truncate mid-sample: most of its 300 samples are gone
+    ld = TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))
+    batches = list(itertools.islice(iter(ld), ld.steps_per_epoch))
+    assert all(b.size == 32 for b in batches)  # every batch keeps its size: lost samples were replaced
+    lost = sum(b.num_bad for b in batches)
+    assert 250 < lost < 300 and ld.bad_samples == lost
+    assert "shard-000000.tar" in ld.last_bad and "truncated" in ld.last_bad
     cfg = _cfg(fmnist_shards, tmp_path, **{"data.image_key": "jpg"})
     with pytest.raises(ShardError, match="no 'jpg' field"):
         TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))

@@ -101,6 +101,10 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
         info["git_dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
+    if not info["git_commit"] and os.environ.get("PIPELINE_GIT_COMMIT"):
+        # a copy of the tree without .git (the GPU run: benchmarks/gpu/run.sh) names its commit here
+        info["git_commit"] = os.environ["PIPELINE_GIT_COMMIT"]
+        info.pop("git_dirty", None)
     return info
 
 

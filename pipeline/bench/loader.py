@@ -1,6 +1,11 @@
 """``pipeline bench loader``: images/sec of the DALI and torch loader backends over the same real JPEG photos,
 same recipe, same CPU cores, measured in one run.
 
+``--device cuda`` delivers every batch on the GPU: DALI decodes there (``mixed``: nvJPEG, the hardware JPEG
+decoder where the GPU has one) and augments there; the torch backend decodes and augments in DataLoader workers
+on the CPU cores and copies pinned batches over. ``--repeat K`` lists every shard K times (links, no copies) so
+an epoch of the benchmark set lasts as long as a corpus-sized one (see ``repeat_shards``).
+
 Photos: the wallpapers of a Debian package (``apt-get download lomiri-wallpapers-16.04``, ``dpkg -x``), cut at
 run time into 500x375 JPEG tiles (at a few scales, so tiles differ) and written as WebDataset shards. Nothing of
 them is committed. Results: ``benchmarks/results/loader.json`` (one entry per backend) and ``loader.md``.
@@ -12,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -72,22 +78,70 @@ def prepare_shards(workdir: Path, count: int, photos_dir: str | None = None) -> 
     return shards
 
 
-def _measure(loader, warmup: int, batches: int) -> float:
+def repeat_shards(src: str | Path, dst: str | Path, times: int) -> Path:
+    """A shard folder ``dst`` that lists every shard of ``src`` ``times`` times, as hard links (symbolic links
+    across file systems) with their DALI indexes, and a manifest to match.
+
+    Both loaders pay a start-up cost at every epoch (DALI builds a pipeline and fills its shuffle buffer, torch
+    forks its workers): over a few thousand benchmark images an epoch lasts a handful of steps and that cost
+    would dominate, where on a real corpus it falls once in thousands of steps. Every sample stays a real JPEG
+    decoded from its own bytes; only the epoch is longer. Keys repeat across the copies, which no loader minds."""
+    from pipeline.data.shards import open_shards
+
+    src, dst = Path(src), Path(dst)
+    if (dst / "manifest.json").exists():
+        return dst
+    manifest = open_shards(src).manifest
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = []
+    for k in range(times):
+        for entry in manifest["shards"]:
+            copy = dict(entry, file=f"r{k:03d}-{entry['file']}", index=f"r{k:03d}-{entry['index']}")
+            for field in ("file", "index"):
+                target = (src / entry[field]).resolve()
+                try:
+                    os.link(target, tmp / copy[field])
+                except OSError:
+                    os.symlink(target, tmp / copy[field])
+            shards.append(copy)
+    manifest = dict(manifest, shards=shards, num_samples=manifest["num_samples"] * times,
+                    source=f"{manifest.get('source') or src} x{times}")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _measure(loader, warmup: int, batches: int, device=None) -> float:
     it = iter(loader)
     for _ in range(warmup):
         next(it)
+    if device is not None:
+        _sync(device)  # batches still being copied or augmented on the GPU belong to the warm-up
     start = time.perf_counter()
     n = 0
     for _ in range(batches):
         n += next(it).size
+    if device is not None:
+        _sync(device)
     return n / (time.perf_counter() - start)
 
 
 def bench_loader(shards: str | Path, *, backends: tuple[str, ...] = ("dali", "torch"), image_size: int = 224,
                  batch_size: int = 64, cpu_cores: int = 2, recipe: str = "simclr", warmup: int = 3,
-                 batches: int = 24, repeats: int = 2) -> list[dict[str, Any]]:
-    """Images/sec of each backend (CPU) on ``shards``: ``cpu_cores`` DataLoader workers / DALI threads, the
-    process pinned to that many cores, runs alternated ``repeats`` times; the median is reported."""
+                 batches: int = 24, repeats: int = 2, device: str = "cpu") -> list[dict[str, Any]]:
+    """Images/sec of each backend on ``shards``: ``cpu_cores`` DataLoader workers / DALI threads, the process
+    pinned to that many cores, batches delivered on ``device`` (``cuda``: DALI decodes and augments on the GPU),
+    runs alternated ``repeats`` times; the median is reported."""
     import torch
 
     from pipeline.config import config_from_dict
@@ -98,6 +152,7 @@ def bench_loader(shards: str | Path, *, backends: tuple[str, ...] = ("dali", "to
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpu_cores])
     torch.set_num_threads(1)  # the main process only collates; the work is in workers / DALI threads
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
     rates: dict[str, list[float]] = {b: [] for b in backends}
     for _ in range(repeats):
         for backend in backends:
@@ -106,8 +161,8 @@ def bench_loader(shards: str | Path, *, backends: tuple[str, ...] = ("dali", "to
                 "loader": {"backend": backend, "batch_size": batch_size, "num_workers": cpu_cores},
                 "augment": {"recipe": recipe, "image_size": image_size},
             })
-            loader = build_loader(cfg, DistEnv(), torch.device("cpu"), build_recipe(cfg.augment))
-            rates[backend].append(_measure(loader, warmup, batches))
+            loader = build_loader(cfg, DistEnv(), dev, build_recipe(cfg.augment))
+            rates[backend].append(_measure(loader, warmup, batches, dev))
             del loader
     views = len(build_recipe(config_from_dict({"augment": {"recipe": recipe, "image_size": image_size}}).augment).views)
     out = []
@@ -115,19 +170,20 @@ def bench_loader(shards: str | Path, *, backends: tuple[str, ...] = ("dali", "to
         out.append({
             "backend": backend, "image_size": image_size, "cpu_cores": cpu_cores,
             "images_per_sec": round(statistics.median(rs), 1), "runs_images_per_sec": [round(r, 1) for r in rs],
-            "recipe": recipe, "views": views, "batch_size": batch_size, "device": "cpu",
+            "recipe": recipe, "views": views, "batch_size": batch_size, "device": dev.type,
+            "decode": ("mixed (GPU)" if dev.type == "cuda" else "cpu") if backend == "dali" else "PIL (CPU workers)",
         })
     return out
 
 
 def markdown_table(results: list[dict[str, Any]], note: str = "") -> str:
     base = {r["image_size"]: r["images_per_sec"] for r in results if r["backend"] == "torch"}
-    lines = ["| backend | image_size | cpu_cores | recipe (views) | batch | images/sec | vs torch |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| backend | decode | image_size | cpu_cores | recipe (views) | batch | images/sec | vs torch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         ratio = f"{r['images_per_sec'] / base[r['image_size']]:.2f}x" if r["image_size"] in base else "-"
-        lines.append(f"| {r['backend']} | {r['image_size']} | {r['cpu_cores']} | {r['recipe']} ({r['views']}) | "
-                     f"{r['batch_size']} | {r['images_per_sec']:.1f} | {ratio} |")
+        lines.append(f"| {r['backend']} | {r.get('decode', '-')} | {r['image_size']} | {r['cpu_cores']} | "
+                     f"{r['recipe']} ({r['views']}) | {r['batch_size']} | {r['images_per_sec']:.1f} | {ratio} |")
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
 
 
@@ -142,27 +198,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--backends", nargs="+", default=["dali", "torch"])
     p.add_argument("--photos", help="folder of JPEG photos to cut (default: download the Debian wallpapers)")
-    p.add_argument("--workdir", help="where photos, tiles and shards go (default: a temporary folder)")
+    p.add_argument("--workdir", help="where photos, tiles and shards go (default: a temporary folder); shards "
+                   "already there (WORKDIR/shards-IMAGES/manifest.json) are used as they are")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where batches are delivered; cuda: "
+                   "DALI decodes (mixed) and augments on the GPU, torch copies its batches there")
+    p.add_argument("--repeat", type=int, default=1, help="list every shard this many times (links), so an epoch "
+                   "outlasts the measurement as on a real corpus")
     p.add_argument("--output", default="benchmarks/results", help="folder for loader.json and loader.md")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         workdir = Path(args.workdir or tmp)
         shards = prepare_shards(workdir, args.images, args.photos)
+        if args.repeat > 1:
+            shards = repeat_shards(shards, workdir / f"shards-{args.images}-x{args.repeat}", args.repeat)
         results = []
         for size in args.image_size:
             results += bench_loader(shards, backends=tuple(args.backends), image_size=size, batch_size=args.batch_size,
                                     cpu_cores=args.cpu_cores, recipe=args.recipe, batches=args.batches,
-                                    repeats=args.repeats)
+                                    repeats=args.repeats, device=args.device)
+    import torch
+
+    from pipeline.bench.common import environment
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     meta = {"command": "pipeline bench loader " + " ".join(argv if argv is not None else []),
-            "host": platform.node(), "cpu_count": os.cpu_count(), "images": args.images, "tile": list(TILE),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "host": platform.node(), "cpu_count": os.cpu_count(), "images": args.images, "repeat": args.repeat,
+            "tile": list(TILE), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(dev, 1)}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loader.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    table = markdown_table(results, f"`{meta['command'].strip()}` on {meta['host']} ({meta['cpu_count']} CPUs; on a "
-                                    f"shared machine absolute numbers are noisy, the ratio is the measurement), "
-                                    f"{args.images} real JPEG tiles {TILE[0]}x{TILE[1]}, {meta['time']}.")
+    where = f"batches delivered on {meta['environment']['hardware']}" if dev.type == "cuda" else "batches on the CPU"
+    table = markdown_table(results, f"`{meta['command'].strip()}` on {meta['host']} ({meta['cpu_count']} CPUs, {where}; "
+                                    f"on a shared machine absolute numbers are noisy, the ratio is the measurement), "
+                                    f"{args.images} real JPEG tiles {TILE[0]}x{TILE[1]}"
+                                    f"{f' (each shard listed {args.repeat} times)' if args.repeat > 1 else ''}, "
+                                    f"{meta['time']}.")
     (out / "loader.md").write_text("# Loader throughput\n\n" + table)
     print(table)
     return 0

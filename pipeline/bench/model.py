@@ -105,6 +105,10 @@ def time_steps(cfg: Config, env: DistEnv, device: torch.device, warmup: int, ste
     if device.type == "cuda":
         out["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     del engine, method, it
+    if cfg.engine.compile:
+        # Every sweep point compiles afresh, as a run of that one shape would: without the reset, dynamo marks the
+        # batch dimension dynamic when the second shape arrives, and later points would time dynamic-shape code.
+        torch.compiler.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

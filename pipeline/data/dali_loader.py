@@ -31,11 +31,13 @@ command that writes it).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +46,8 @@ from pipeline.config import Config
 from pipeline.data.loader import Batch, LoaderPosition
 from pipeline.data.plan import shard_order, steps_per_epoch
 from pipeline.data.recipes import Recipe, ViewSpec
-from pipeline.data.shards import ShardError, ShardSet, open_shards, write_dali_index
+from pipeline.data.shards import ShardError, write_dali_index
+from pipeline.data.sources import IMAGE_EXTS, DataSource, cache_index_path, resolve_for_job
 from pipeline.distributed import DistEnv
 
 _SOURCE_INFO = re.compile(r"(?P<shard>[^\s:'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
@@ -105,14 +108,21 @@ def read_index(tar: Path, index: Path, exts: list[set[str]]) -> ShardIndex:
     return ShardIndex(tar, index, samples, usable)
 
 
-def index_shards(shards: ShardSet, exts: list[set[str]]) -> list[ShardIndex]:
+def ensure_indexes(source: DataSource, cache_dir: str | None = None) -> list[tuple[Path, Path]]:
+    """``(tar, index)`` of every (local) shard of ``source``: the index it has, else one written beside the shard
+    (or into the cache when the shard's folder is read-only; see :func:`pipeline.data.sources.cache_index_path`)."""
     out = []
-    entries = shards.manifest.get("shards", [])
-    for i, tar in enumerate(shards.paths):
-        name = entries[i].get("index") if i < len(entries) else None
-        index = tar.parent / name if name else tar.with_suffix(".idx")
-        ensure_index(tar, index, shards.counts[i])
-        out.append(read_index(tar, index, exts))
+    for shard in source.shards:
+        tar = Path(shard.url)
+        if shard.index:
+            index = Path(shard.index)
+        elif os.access(tar.parent, os.W_OK):
+            index = tar.with_suffix(".idx")
+        else:
+            index = cache_index_path(shard.url, cache_dir)
+            index.parent.mkdir(parents=True, exist_ok=True)
+        ensure_index(tar, index, shard.num_samples)
+        out.append((tar, index))
     return out
 
 
@@ -240,32 +250,40 @@ def _key_of(source_info: str) -> str:
 class DaliLoader(LoaderPosition):
     """The DALI backend of the :class:`~pipeline.data.loader.Loader` protocol."""
 
-    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe, *, shards: str | None = None,
-                 shuffle: bool = True) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe, *, shards: Any = None,
+                 shuffle: bool = True, source: DataSource | None = None) -> None:
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as exc:
             raise ImportError("loader.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
                               "(or loader.backend=torch)") from exc
         self.env, self.device = env, device
-        self.shards = open_shards(shards or cfg.data.train_shards, cfg.data.verify)
+        self.shards = source or resolve_for_job(shards or cfg.data.train_shards, cfg.data)
+        where = self.shards.describe()
+        if self.shards.remote or self.shards.weighted:
+            raise ShardError(f"loader.backend=dali reads local, unweighted sources only (for now): {where}; use "
+                             f"loader.backend=torch (loader.backend=auto picks it for such sources)")
         self.recipe = recipe
-        fields = self.shards.manifest.get("fields", [])
+        pairs = ensure_indexes(self.shards, cfg.data.cache_dir or None)
+        fields = self.shards.fields
+        if not self.shards.fields_known:  # e.g. counts from _stats.json: the index files name the fields
+            with open(pairs[0][1]) as f:
+                fields = sorted({p for line in itertools.islice(f, 1, 201) for p in line.split()[0::4]})
         if cfg.data.image_key == "auto":
-            self.image_exts = list(self.shards.manifest.get("image_keys") or [self.shards.image_key])
+            self.image_exts = list(self.shards.image_exts) or [e for e in IMAGE_EXTS if e in fields]
         else:
-            self.image_exts = [cfg.data.image_key]
+            self.image_exts = [k.strip() for k in cfg.data.image_key.split(";") if k.strip()]
         if not set(self.image_exts) & set(fields or self.image_exts):
-            raise ShardError(f"shards in {self.shards.root} have no {cfg.data.image_key!r} field "
+            raise ShardError(f"shards in {where} have no {cfg.data.image_key!r} field "
                              f"(fields: {fields}); set data.image_key")
         if cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
             raise NotImplementedError("the DALI backend reads labels from .cls and captions from .txt")
         self.with_label = "cls" in fields
         self.with_text = self.recipe.with_text and "txt" in fields
         if self.recipe.with_text and not self.with_text:
-            raise ShardError(f"recipe {self.recipe.name!r} needs captions but {self.shards.root} has no txt field")
+            raise ShardError(f"recipe {self.recipe.name!r} needs captions but {where} has no txt field")
         wanted = [set(self.image_exts)] + [{"cls"}] * self.with_label + [{"txt"}] * self.with_text
-        self.index = index_shards(self.shards, wanted)
+        self.index = [read_index(tar, index, wanted) for tar, index in pairs]
         self.num_samples = sum(s.usable for s in self.index)
         self.skipped = sum(s.samples - s.usable for s in self.index)
         """Samples the reader skips because they lack the image (or label/caption) field."""
@@ -275,10 +293,10 @@ class DaliLoader(LoaderPosition):
         self.prefetch = max(1, cfg.loader.prefetch_factor)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, self.batch_size, env.world_size)
         if self.steps_per_epoch == 0:
-            raise ShardError(f"{self.shards.root} has {self.num_samples} readable samples: fewer than one global "
+            raise ShardError(f"{where} has {self.num_samples} readable samples: fewer than one global "
                              f"batch ({self.batch_size} x {env.world_size} ranks)")
         if self.skipped and env.is_main:
-            print(f"dali loader: skipping {self.skipped} samples of {self.shards.root} without a "
+            print(f"dali loader: skipping {self.skipped} samples of {where} without a "
                   f"{'/'.join(self.image_exts)} field")
         self.epoch, self.batch = 0, 0
         self._it = None  # the running epoch's DALIGenericIterator

@@ -30,6 +30,11 @@ class Batch:
     keys: list[str] | None = None
     tokens: torch.Tensor | None = None
     """Text token ids (B x L) when a method tokenizes captions in the loader."""
+    num_bad: int = 0
+    """Samples of this batch that were bad (undecodable, lost to a damaged shard ...) and were replaced by other
+    samples of the batch or its neighbourhood; the batch keeps its size."""
+    bad_example: str | None = None
+    """What was wrong with one of them (for the error when ``data.max_bad_fraction`` is exceeded)."""
 
     @property
     def size(self) -> int:
@@ -39,7 +44,8 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return Batch([move(v) for v in self.views], move(self.labels), self.texts, self.keys, move(self.tokens))
+        return Batch([move(v) for v in self.views], move(self.labels), self.texts, self.keys, move(self.tokens),
+                     self.num_bad, self.bad_example)
 
 
 class Loader(Protocol):
@@ -51,6 +57,8 @@ class Loader(Protocol):
     """
 
     steps_per_epoch: int
+    bad_samples: int
+    last_bad: str | None
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -65,10 +73,14 @@ class Loader(Protocol):
 
 class LoaderPosition:
     """The position every backend keeps: ``epoch`` and ``batch`` (batches of that epoch already yielded), and no
-    per-rank state unless a backend has some."""
+    per-rank state unless a backend has some. ``bad_samples`` counts this rank's replaced bad samples since the
+    run started (backends that replace bad samples keep it in their rank state); ``last_bad`` describes the
+    latest one."""
 
     epoch: int = 0
     batch: int = 0
+    bad_samples: int = 0
+    last_bad: str | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -84,12 +96,26 @@ class LoaderPosition:
 
 
 def resolve_backend(cfg: Config) -> str:
-    """``loader.backend``, with ``auto`` resolved: DALI wherever it is installed and can read the configured
-    fields (labels from ``.cls``, captions from ``.txt``), else torch."""
+    """``loader.backend``, with ``auto`` resolved: DALI wherever it is installed and can read the source and the
+    configured fields (local shards, no weighted mixture, labels from ``.cls``, captions from ``.txt``), else
+    torch. An explicit ``dali`` on a source it cannot read is refused with the reason."""
+    from pipeline.data.sources import is_remote_value, is_weighted_value
+
     backend = cfg.loader.backend
+    reason = None
+    if is_remote_value(cfg.data.train_shards):
+        reason = "the DALI backend reads local shards only (for now); remote sources stream through loader.backend=torch"
+    elif is_weighted_value(cfg.data.train_shards):
+        reason = "the DALI backend does not read weighted mixtures (for now); use loader.backend=torch"
+    elif cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
+        reason = "the DALI backend reads labels from .cls and captions from .txt only; use loader.backend=torch"
+    if backend == "dali" and reason:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"loader.backend=dali: {reason}")
     if backend != "auto":
         return backend
-    if importlib.util.find_spec("nvidia.dali") is None or cfg.data.label_key != "cls" or cfg.data.text_key != "txt":
+    if importlib.util.find_spec("nvidia.dali") is None or reason:
         return "torch"
     return "dali"
 

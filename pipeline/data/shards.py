@@ -183,29 +183,41 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
-    """Write DALI's webdataset index (format ``v1.2``, as ``wds2idx`` writes it) for one tar. Returns samples."""
+def tar_bundles(tar: tarfile.TarFile) -> list[list[tuple[str, int, int, str]]]:
+    """Samples of an open tar as DALI indexes them: per sample, ``(ext, data offset, size, member name)`` of each
+    component, grouped by consecutive basename (as ``wds2idx`` and webdataset's ``group_by_keys`` do)."""
     bundles: list[list[tuple[str, int, int, str]]] = []
     last = None
+    for m in tar:
+        if not m.isreg():
+            continue
+        base_start = m.name.rfind("/") + 1
+        dot = m.name.find(".", base_start)
+        if dot <= base_start:
+            continue
+        basename, ext = m.name[:dot], m.name[dot + 1 :]
+        entry = (ext, m.offset_data, m.size, m.name)
+        if basename != last:
+            bundles.append([entry])
+            last = basename
+        else:
+            bundles[-1].append(entry)
+    return bundles
+
+
+def format_dali_index(bundles: list[list[tuple[str, int, int, str]]]) -> str:
+    """DALI's webdataset index text (format ``v1.2``, as ``wds2idx`` writes it) of :func:`tar_bundles`."""
+    lines = [f"{DALI_INDEX_VERSION} {len(bundles)}\n"]
+    lines += [" ".join(" ".join(map(str, comp)) for comp in bundle) + "\n" for bundle in bundles]
+    return "".join(lines)
+
+
+def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
+    """Write DALI's webdataset index (format ``v1.2``, as ``wds2idx`` writes it) for one tar. Returns samples."""
     with tarfile.open(tar_path) as tar:
-        for m in tar:
-            if not m.isreg():
-                continue
-            base_start = m.name.rfind("/") + 1
-            dot = m.name.find(".", base_start)
-            if dot <= base_start:
-                continue
-            basename, ext = m.name[:dot], m.name[dot + 1 :]
-            entry = (ext, m.offset_data, m.size, m.name)
-            if basename != last:
-                bundles.append([entry])
-                last = basename
-            else:
-                bundles[-1].append(entry)
+        bundles = tar_bundles(tar)
     tmp = Path(str(idx_path) + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{DALI_INDEX_VERSION} {len(bundles)}\n")
-        f.writelines(" ".join(" ".join(map(str, comp)) for comp in bundle) + "\n" for bundle in bundles)
+    tmp.write_text(format_dali_index(bundles))
     os.replace(tmp, idx_path)
     return len(bundles)
 
@@ -377,6 +389,9 @@ def open_shards(path: str | Path, verify: str = "size", require: tuple[str, ...]
                 f"shard {p} is {p.stat().st_size} bytes but the manifest says {e['bytes']}: truncated or rewritten; "
                 f"re-run `pipeline shards write`"
             )
+        if verify == "sha256" and "sha256" not in e:
+            raise ShardError(f"{mpath} has no sha256 for {e['file']} (a manifest from `pipeline shards index`, which "
+                             f"does not hash the data); use data.verify=size")
         if verify == "sha256" and sha256_file(p) != e["sha256"]:
             raise ShardError(f"shard {p} does not match the sha256 in {mpath}")
         paths.append(p)

@@ -13,18 +13,36 @@ the student's (and the gathered copies of "persistent" small parameters), so tea
 Checkpoints keep frozen parameters (``exclude_frozen_parameters=False``) and zero_to_fp32 restores them. In bf16
 runs DeepSpeed casts every parameter to bf16; frozen ones are put back in fp32 (``_restore_fp32``: a bf16 EMA
 barely moves), and ``method_state_dict`` exports the fp32 masters rather than their bf16 rounding.
+
+Loading: DeepSpeed's files are its own pickles, and DeepSpeed reads them with ``torch.load(weights_only=False)``
+(its checkpoint engine, and zero_to_fp32). Before DeepSpeed sees a checkpoint, each of its files is loaded
+weights-only once (memory-mapped: the pickled structure, not the tensor data) with only the few DeepSpeed classes
+its files hold allow-listed (:func:`checkpoint_globals`), and a file needing anything else is refused, by name, on
+every rank; DeepSpeed's own load then runs under ``pipeline.checkpoint.weights_only_loads``, which makes each of
+its ``torch.load`` calls weights-only with the same allow-list (a file swapped after the check is refused too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.checkpoint import (
+    UntrustedFileError,
+    first_refused,
+    load_trusted,
+    raise_if_refused_anywhere,
+    refusal_reason,
+    weights_only_loads,
+)
 from pipeline.config import ConfigError
 from pipeline.data.loader import Batch
 from pipeline.distributed import DistEnv
@@ -41,6 +59,40 @@ def _import_deepspeed(device_type: str):
     import deepspeed
 
     return deepspeed
+
+
+def checkpoint_globals() -> list:
+    """What DeepSpeed's checkpoint files hold besides tensors and plain containers (its optimizer state's loss
+    scaler, ZeRO stage and fp32 fragment addresses, found with ``torch.serialization.get_unsafe_globals_in_checkpoint``
+    on ZeRO-1/2/3 files, fp32 and bf16): plain classes, a dataclass and an int enum, whose rebuilding runs no code
+    of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _trusted_files(folder: Path, env: DistEnv | None = None) -> Iterator[list]:
+    """DeepSpeed's loads in this block are weights-only (see the module docstring). Its files are checked first,
+    each once: with ``env``, split across the ranks and refused on every rank together (ranks load different
+    files under ZeRO-3); without, in this process alone. Yields the allow-list."""
+    allow = checkpoint_globals()
+    files = sorted(folder.glob("*.pt"))
+    if env is None:
+        refused = first_refused(files, allow)
+        if refused is not None:
+            raise refused
+    else:
+        raise_if_refused_anywhere(first_refused(files[env.rank::env.world_size], allow))
+    try:
+        with weights_only_loads(allow):
+            yield allow
+    except pickle.UnpicklingError as exc:  # a file changed since the check, or one the check did not see
+        if isinstance(exc, UntrustedFileError):
+            raise
+        raise UntrustedFileError(folder, refusal_reason(exc)) from None
 
 
 def ds_config(cfg, world_size: int, bf16: bool) -> dict[str, Any]:
@@ -213,8 +265,9 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(path), tag=TAG, save_latest=False)
 
     def load(self, path: Path) -> None:
-        load_path, _ = self.ds.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        with _trusted_files(path / TAG, self.env):
+            load_path, _ = self.ds.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")
         self._skipped = self.ds.skipped_steps
@@ -244,14 +297,15 @@ class DeepSpeedEngine(Engine):
         _import_deepspeed("cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG))
+        with _trusted_files(path / TAG) as allow:
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG))
         expected = method.state_dict()
         missing = set(expected) - set(sd)
         module_file = path / TAG / "mp_rank_00_model_states.pt"
         if missing and module_file.is_file():
             # ZeRO-1 records no frozen parameters for zero_to_fp32 (ZeRO-2/3 do), but being unpartitioned they
             # are whole in the module state rank 0 saved.
-            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            module = load_trusted(module_file, allow, map_location="cpu")["module"]
             for k in missing & set(module):
                 if module[k].shape == expected[k].shape:
                     sd[k] = module[k]
