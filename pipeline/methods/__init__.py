@@ -8,6 +8,8 @@ from pipeline.methods.base import Method
 from pipeline.methods.byol import BYOL
 from pipeline.methods.clip import CLIP
 from pipeline.methods.dino import DINO
+from pipeline.methods.dinov2 import DINOv2
+from pipeline.methods.ijepa import IJEPA
 from pipeline.methods.mae import MAE
 from pipeline.methods.mocov3 import MoCoV3
 from pipeline.methods.redundancy import BarlowTwins, VICReg
@@ -25,6 +27,9 @@ METHODS: dict[str, type[Method]] = {
     "dino": DINO,
     "mae": MAE,
     "rotnet": RotNet,
+    # objectives of today's strongest open encoders (issue #15)
+    "dinov2": DINOv2,
+    "ijepa": IJEPA,
 }
 
 
