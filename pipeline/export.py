@@ -61,4 +61,5 @@ def model_config_of(path: str | Path) -> ModelConfig:
     meta = json.loads((Path(path) / CONFIG).read_text())
     kw = meta["timm_kwargs"]
     return ModelConfig(name=meta["architecture"], img_size=kw.get("img_size", 224), patch_size=kw.get("patch_size"),
-                       embed_dim=kw.get("embed_dim"), depth=kw.get("depth"), num_heads=kw.get("num_heads"))
+                       embed_dim=kw.get("embed_dim"), depth=kw.get("depth"), num_heads=kw.get("num_heads"),
+                       dynamic_img_size=kw.get("dynamic_img_size", False), reg_tokens=kw.get("reg_tokens", 0))
