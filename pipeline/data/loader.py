@@ -21,7 +21,7 @@ import os
 import random
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -371,7 +371,10 @@ def iter_eval_batches(cfg: Config, shards_dir: str | Path, env: DistEnv, device:
     start, stop = env.rank * per, min(total, (env.rank + 1) * per)
     spans = plan_range(shards, list(range(len(shards.paths))), start, stop)
     image_key = shards.image_key if cfg.data.image_key == "auto" else cfg.data.image_key
-    transform = SampleTransform(build_recipe(cfg.augment, "eval"), image_key, cfg.data.label_key, cfg.data.text_key)
+    # At the size the model is built for (what the export records), not the training views' size, which pretext
+    # tasks set larger (a jigsaw puzzle or patch grid is cut from them): every method is scored on the same images.
+    recipe = build_recipe(replace(cfg.augment, image_size=cfg.model.img_size), "eval")
+    transform = SampleTransform(recipe, image_key, cfg.data.label_key, cfg.data.text_key)
     items = []
     for i, sample in enumerate(iter_span_samples(spans)):
         items.append(transform(sample, start + i))
