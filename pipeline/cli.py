@@ -10,9 +10,19 @@ from pathlib import Path
 from pipeline.config import ConfigError, load_config
 
 
+METHOD_NAMES = (
+    "simclr", "clip", "mocov3", "byol", "barlow_twins", "vicreg", "dino", "mae", "rotnet",
+    "jigsaw", "relative_location",
+)
+"""``method.name`` values for the help text, kept here so ``--help`` does not import torch and timm; a test holds it
+equal to ``pipeline.methods.METHODS``."""
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML preset (e.g. configs/quickstart.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 loader.batch_size=128")
+    p.add_argument("config", help="YAML preset (configs/quickstart.yaml, configs/<method>.yaml for CPU, "
+                                  "configs/<method>_vits16.yaml and _vitb16.yaml for GPUs)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 loader.batch_size=128 method=byol")
+    p.epilog = f"methods (method=NAME): {', '.join(METHOD_NAMES)}"
 
 
 def cmd_shards_write(args: argparse.Namespace) -> int:

@@ -354,3 +354,13 @@ def test_a_run_with_register_tokens_exports_what_timm_loads(fmnist_shards, tmp_p
     model.load_state_dict(load_file(str(run / "export" / "model.safetensors")), strict=True)
     assert model.num_prefix_tokens == 5
 
+
+
+def test_cli_help_lists_every_registered_method(capsys):
+    from pipeline.cli import METHOD_NAMES, main
+    from pipeline.methods import METHODS
+
+    assert list(METHOD_NAMES) == [n for n in METHODS if not n.endswith("_test")]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "jigsaw, relative_location" in " ".join(capsys.readouterr().out.split())
