@@ -96,7 +96,9 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     """Area range of random resized crops of the global views."""
     jitter_strength: float = 1.0
-    """Colour jitter strength s: brightness/contrast/saturation 0.8s, hue 0.2s (SimCLR)."""
+    """Colour jitter strength s, scaling the recipe's own jitter: brightness/contrast/saturation/hue
+    (0.8, 0.8, 0.8, 0.2) x s for ``simclr`` (SimCLR), (0.4, 0.4, 0.2, 0.1) x s for ``byol`` and ``dino`` (BYOL,
+    MoCo v3, Barlow Twins, VICReg, DINO)."""
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
@@ -428,11 +430,16 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     clip_grad_norm: float = 1.0
-    """Global gradient-norm clipping threshold (0 disables)."""
+    """Gradient-norm clipping threshold (0 disables)."""
+    clip_grad_mode: str = "global"
+    """``global``: scale all gradients together so their joint norm is at most ``clip_grad_norm`` (torch's
+    ``clip_grad_norm_``); ``per_param``: each parameter's gradient on its own norm, as DINO's
+    ``utils.clip_gradients`` (DDP and FSDP2; DeepSpeed clips globally only)."""
     accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
 
     def __post_init__(self) -> None:
+        _check_choice("optim.clip_grad_mode", self.clip_grad_mode, ("global", "per_param"))
         if self.accumulation_steps < 1:
             raise ConfigError(f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.lr <= 0:

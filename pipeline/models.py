@@ -45,9 +45,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     ``torch.nn.SyncBatchNorm`` does, and as MoCo v3, BYOL, Barlow Twins and VICReg train their heads.
 
     ``torch.nn.SyncBatchNorm`` refuses CPU tensors (torch 2.14: "expected input tensor to be on GPU"), so the
-    statistics go through the gather module instead: one differentiable all-reduce of the per-feature sums of
-    x and x^2, whose summing backward gives every rank the gradient all ranks' losses send through the
-    statistics (exact under DDP's averaging, as for the global losses in ``pipeline.losses.ssl``). The same code
+    statistics go through the gather module instead: differentiable all-reduces of the per-feature sum of x, then
+    of the squared deviations from the global mean (two passes, as torch's own batch norm: E[x^2] - E[x]^2 in one
+    pass cancels catastrophically when |mean| >> std), whose summing backward gives every rank the gradient all
+    ranks' losses send through the statistics (exact under DDP's averaging, as for the global losses in
+    ``pipeline.losses.ssl``). The same code
     runs on gloo and NCCL and under every engine. One process, eval mode, or ``global_stats=False``
     (``method.sync_bn=false``): BatchNorm1d over this rank's rows. State dict keys are BatchNorm1d's, so
     checkpoints move between ``method.sync_bn`` settings.
@@ -66,15 +68,16 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             return self._local(x)
         n = x.shape[0] * ws  # the loaders give every rank the same batch size
         xf = x.float()
-        mean, mean_sq = (all_reduce_sum(torch.cat([xf.sum(dim=0), xf.pow(2).sum(dim=0)])) / n).chunk(2)
-        var = (mean_sq - mean.pow(2)).clamp(min=0)
+        mean = all_reduce_sum(xf.sum(dim=0)) / n
+        xc = xf - mean
+        var = all_reduce_sum(xc.pow(2).sum(dim=0)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
                 self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased, as BN
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        y = xc * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight + self.bias
         return y.to(x.dtype)

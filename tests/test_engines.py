@@ -432,8 +432,10 @@ def _dino_freeze_steps(world: int) -> dict[str, dict]:
     the network moved (full state through the engine's own ``method_state_dict``; rank 0 reports)."""
     out = {}
     for name, engine in ENGINES.items():
+        clip_mode = "global" if engine["engine.name"] == "deepspeed" else "per_param"  # DeepSpeed clips globally
         method, eng = _setup(DINO, {"loader.batch_size": 16 // world, "method.dino.freeze_last_layer_steps": 2,
-                                    "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.4, **engine}, 4)
+                                    "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.4,
+                                    "optim.clip_grad_mode": clip_mode, **engine}, 4)
         before = _copy(eng.method_state_dict())
         steps = []
         for step in range(4):

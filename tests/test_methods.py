@@ -105,6 +105,30 @@ def test_preset_forward_backward_and_teachers(name):
         torch.testing.assert_close(p, m * before[n] + (1 - m) * src, rtol=1e-6, atol=1e-7)
 
 
+EMA_METHODS = [n for n in REGISTERED if n in ("mocov3", "byol", "dino")]
+
+
+@pytest.mark.parametrize("name", EMA_METHODS)
+def test_ema_teacher_has_no_stochastic_depth(name):
+    """With ``model.drop_path_rate`` > 0 the student keeps its stochastic depth but the teacher does not (DINO's
+    ``main_dino.py`` builds the teacher without drop path): in train mode two teacher forwards of the same batch
+    are identical, two student forwards are not, and with drop path off the two networks agree exactly."""
+    cfg = tiny_config(name, ["model.drop_path_rate=0.5"])
+    torch.manual_seed(0)
+    method = build_method(cfg).train()
+    teachers = [m for n, m in method.named_children() if n.endswith("encoder") and n != "encoder"]
+    assert len(teachers) == 1, [n for n, _ in method.named_children()]
+    teacher = teachers[0]
+    x = torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        t1, t2 = teacher(x), teacher(x)
+        s1, s2 = method.encoder(x), method.encoder(x)
+        assert not torch.equal(s1, s2), "the student must keep its stochastic depth"
+        assert torch.equal(t1, t2), "the teacher's forward must not be random"
+        method.encoder.eval()  # stochastic depth off: same weights, same function
+        torch.testing.assert_close(method.encoder(x), t1)
+
+
 def test_dino_freezes_last_layer_and_schedules_weight_decay():
     """Through the real engine (optimizer and schedule): DINO's last layer stays exactly as initialised for
     ``freeze_last_layer_steps`` optimizer steps while the rest of the network trains, then moves; every
@@ -132,10 +156,74 @@ def test_dino_freezes_last_layer_and_schedules_weight_decay():
         assert last.grad is not None and last.grad.abs().sum() > 0  # the gradient exists; only the update is held
         engine.step()
         method.after_step(step, total)
+        # As DINO's gradient drop: AdamW's state of the frozen layer stays at its initial zeros, so the first
+        # update after the freeze is a fresh AdamW's (step count 1), not one with moments built while frozen.
+        state = engine.optimizer.state[last]
+        assert float(state["step"]) == max(0, step - frozen + 1), (step, state["step"])
+        assert (state["exp_avg"].abs().sum() > 0) == (step >= frozen), step
         moved = [n for n, p in method.named_parameters() if p.requires_grad and not torch.equal(p, initial[n])]
         assert ("head.last_layer.weight" in moved) == (step >= frozen), (step, moved)
         assert len(moved) >= len(initial) - 1, f"step {step}: only {moved} changed"
     assert wds[0] == pytest.approx(0.04) and wds[-1] == pytest.approx(0.4)
+
+
+def test_per_parameter_gradient_clipping_is_dinos():
+    """``optim.clip_grad_mode=per_param`` scales each gradient on its own norm by clip / (norm + 1e-6) when that
+    is below 1 (facebookresearch/dino ``utils.clip_gradients``); small gradients are untouched; the returned
+    norm is the global one before clipping."""
+    from pipeline.engines.base import clip_grad_norm_per_param_
+
+    ps = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True), torch.zeros(1, requires_grad=True)]
+    grads = [torch.tensor([3.0, 4.0, 0.0]), torch.full((2, 2), 0.1), torch.tensor([-10.0])]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    total = clip_grad_norm_per_param_(ps, 2.0)
+    assert total.item() == pytest.approx(math.sqrt(25 + 0.04 + 100))
+    torch.testing.assert_close(ps[0].grad, grads[0] * 2 / (5 + 1e-6))
+    torch.testing.assert_close(ps[1].grad, grads[1])
+    torch.testing.assert_close(ps[2].grad, grads[2] * 2 / (10 + 1e-6))
+
+
+def _clipped_grads_on_rank(world: int, engine_name: str) -> dict[str, np.ndarray]:
+    """DINO through the real engine on this rank's half of a fixed batch (all of it when ``world`` is 1): the
+    full gradients after ``Engine.step``'s clipping, read before the optimizer step."""
+    import torch.distributed as dist
+
+    from pipeline.distributed import read_dist_env
+    from pipeline.engines import build_engine
+
+    rank = dist.get_rank() if world > 1 else 0
+    cfg = tiny_config("dino", [f"engine.name={engine_name}", "optim.clip_grad_mode=per_param",
+                               "optim.clip_grad_norm=0.05", "method.dino.freeze_last_layer_steps=1"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    full = random_batch(cfg, method, b=8)
+    engine = build_engine(cfg, read_dist_env(), torch.device("cpu"))
+    engine.setup(method, 4)
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    engine.micro_step(Batch([v[rows] for v in full.views], full.labels[rows]), sync=True, scale=1.0)
+    captured = {}
+    engine.optimizer.register_step_pre_hook(lambda opt, args, kwargs: captured.update(
+        {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone().numpy()
+         for n, p in method.named_parameters() if p.grad is not None}))
+    engine.step()
+    return captured
+
+
+@pytest.mark.multirank
+def test_per_parameter_clipping_and_frozen_layer_under_fsdp():
+    """2 gloo ranks under FSDP2 (sharded gradients) clip per parameter exactly as one process on the whole batch,
+    every clipped gradient has norm <= the threshold, and the frozen last layer's gradient is zero."""
+    ref = _clipped_grads_on_rank(1, "ddp")
+    ranks = run_ranks(_clipped_grads_on_rank, 2, "fsdp")
+    assert np.abs(ref["head.last_layer.weight"]).sum() == 0
+    clipped = 0
+    for name, g in ref.items():
+        assert np.linalg.norm(g) <= 0.05 + 1e-6, name
+        clipped += np.linalg.norm(g) > 0.05 - 1e-4
+        for r in ranks:
+            np.testing.assert_allclose(r[name], g, rtol=1e-4, atol=1e-7, err_msg=name)
+    assert clipped >= 3, "the threshold must bind on several parameters for the comparison to mean something"
 
 
 HELD_TARGETS = {
@@ -337,6 +425,50 @@ def test_mae_masks_75_percent_and_uses_visible_patches_only():
     torch.testing.assert_close(full, method.encoder.forward_features(imgs), rtol=1e-5, atol=1e-5)
 
 
+def _loss_cases():
+    """Every loss with bf16 inputs, as a bf16 network gives them: (name, fn, args)."""
+    from pipeline.losses.contrastive import nt_xent
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).bfloat16()
+
+    img, txt = F.normalize(r(16, 32).float(), dim=1).bfloat16(), F.normalize(r(16, 32).float(), dim=1).bfloat16()
+    mask = (torch.rand(2, 16, generator=g) > 0.25).float()
+    return [
+        ("nt_xent", nt_xent, (r(16, 32), r(16, 32), 0.1)),
+        ("clip", ssl.clip_loss, (img, txt, torch.tensor(100.0))),
+        ("siglip", ssl.siglip_loss, (img, txt, torch.tensor(10.0), torch.tensor(-10.0))),
+        ("mocov3", ssl.moco_infonce, (r(16, 32), r(16, 32), 0.2)),
+        ("byol", ssl.byol_loss, (r(16, 32), r(16, 32))),
+        ("dino", ssl.dino_loss, ([r(16, 64) for _ in range(3)], [r(16, 64) for _ in range(2)],
+                                 torch.zeros(1, 64), 0.1, 0.04)),
+        ("barlow_twins", ssl.barlow_twins_loss, (r(16, 64), r(16, 64))),
+        ("vicreg", lambda x, y: ssl.vicreg_loss(x, y)[0], (r(16, 64), r(16, 64))),
+        ("mae", ssl.mae_loss, (r(2, 16, 12), r(2, 3, 8, 8), mask, 2)),
+    ]
+
+
+def _upcast(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.float()
+    return [_upcast(v) for v in x] if isinstance(x, list) else x
+
+
+@pytest.mark.parametrize("case", _loss_cases(), ids=lambda c: c[0])
+def test_losses_compute_in_fp32_under_bf16_autocast(case):
+    """Inside the engine's bf16 autocast every loss equals the fp32 loss of the same (bf16-valued) inputs: logits,
+    softmaxes and correlation matrices are not rounded to bf16 (CLIP logits at scale 100 would come in steps of
+    0.5, Barlow Twins' cross-correlation to 3 significant digits)."""
+    _, fn, args = case
+    expected = fn(*[_upcast(a) for a in args])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(*args)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_rotation_labels_match_rotations():
     from pipeline.methods.rotnet import rotate_batch
 
@@ -442,6 +574,33 @@ def _rel_err(got: np.ndarray, want: np.ndarray, floor: float = 1e-12) -> float:
     """Relative error; ``floor`` keeps gradients that are zero in exact arithmetic (a bias feeding a
     BatchNorm) from dividing rounding noise by rounding noise."""
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor))
+
+
+def _global_bn_on_rank(world: int) -> tuple[np.ndarray, np.ndarray]:
+    """A GlobalBatchNorm1d on this rank's half of features whose mean (100) dwarfs their spread (0.01): output
+    and running variance."""
+    import torch.distributed as dist
+
+    from pipeline.models import GlobalBatchNorm1d
+
+    rank = dist.get_rank() if world > 1 else 0
+    x = 100 + 0.01 * torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    bn = GlobalBatchNorm1d(4, momentum=1.0).train()
+    y = bn(x[rank * 16 // world:(rank + 1) * 16 // world])
+    return y.detach().numpy(), bn.running_var.numpy()
+
+
+def test_global_batchnorm_variance_is_two_pass():
+    """Global statistics on 2 gloo ranks equal torch's BatchNorm on the whole batch even when the mean is 1e4
+    times the standard deviation: the variance is the mean squared deviation (two passes), not E[x^2] - E[x]^2,
+    whose fp32 cancellation leaves noise of the order of the variance itself (or 0)."""
+    x = 100 + 0.01 * torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    ref = torch.nn.BatchNorm1d(4, momentum=1.0).train()
+    want = ref(x).detach().numpy()
+    ranks = run_ranks(_global_bn_on_rank, 2)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in ranks]), want, rtol=0, atol=1e-2)
+    for r in ranks:
+        np.testing.assert_allclose(r[1], ref.running_var.numpy(), rtol=1e-2)
 
 
 def test_head_batchnorm_uses_global_batch_statistics():

@@ -51,11 +51,20 @@ class Recipe:
     """Pass the caption through (CLIP)."""
 
 
-def _simclr_view(cfg: AugmentConfig, **overrides) -> ViewSpec:
-    s = cfg.jitter_strength
+SIMCLR_JITTER = (0.8, 0.8, 0.8, 0.2)
+"""Colour jitter (brightness, contrast, saturation, hue) at strength 1: SimCLR's ``get_color_distort(s=1.0)``
+(google-research/simclr ``data_util.py``)."""
+BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)
+"""BYOL's colour jitter, which MoCo v3 (``main_moco.py``), Barlow Twins and VICReg (``augmentations.py``) and DINO
+(``main_dino.py: DataAugmentationDINO``) copy: ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` at strength 1."""
+
+
+def _simclr_view(cfg: AugmentConfig, jitter: tuple[float, float, float, float] = SIMCLR_JITTER,
+                 **overrides) -> ViewSpec:
+    s = cfg.jitter_strength  # scales the recipe's own jitter
     view = ViewSpec(
         size=cfg.image_size, scale=tuple(cfg.crop_scale), flip_prob=0.5, jitter_prob=cfg.jitter_prob,
-        brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s),
+        brightness=jitter[0] * s, contrast=jitter[1] * s, saturation=jitter[2] * s, hue=min(0.5, jitter[3] * s),
         grayscale_prob=cfg.grayscale_prob, blur_prob=cfg.blur_prob, solarize_prob=cfg.solarize_prob,
         mean=tuple(cfg.mean), std=tuple(cfg.std),
     )
@@ -69,17 +78,18 @@ def simclr_recipe(cfg: AugmentConfig) -> Recipe:
 def byol_recipe(cfg: AugmentConfig) -> Recipe:
     """BYOL's asymmetric pair: view 1 always blurred, view 2 rarely blurred but sometimes solarized."""
     return Recipe("byol", (
-        _simclr_view(cfg, blur_prob=1.0, solarize_prob=0.0),
-        _simclr_view(cfg, blur_prob=0.1, solarize_prob=0.2),
+        _simclr_view(cfg, BYOL_JITTER, blur_prob=1.0, solarize_prob=0.0),
+        _simclr_view(cfg, BYOL_JITTER, blur_prob=0.1, solarize_prob=0.2),
     ))
 
 
 def dino_recipe(cfg: AugmentConfig) -> Recipe:
     """DINO multi-crop: 2 global views (asymmetric like BYOL) + ``local_crops`` small views."""
     global_scale = tuple(cfg.crop_scale) if cfg.crop_scale != (0.08, 1.0) else (0.4, 1.0)
-    g1 = _simclr_view(cfg, scale=global_scale, blur_prob=1.0, solarize_prob=0.0)
-    g2 = _simclr_view(cfg, scale=global_scale, blur_prob=0.1, solarize_prob=0.2)
-    local = _simclr_view(cfg, size=cfg.local_crop_size, scale=tuple(cfg.local_crop_scale), blur_prob=0.5)
+    g1 = _simclr_view(cfg, BYOL_JITTER, scale=global_scale, blur_prob=1.0, solarize_prob=0.0)
+    g2 = _simclr_view(cfg, BYOL_JITTER, scale=global_scale, blur_prob=0.1, solarize_prob=0.2)
+    local = _simclr_view(cfg, BYOL_JITTER, size=cfg.local_crop_size, scale=tuple(cfg.local_crop_scale),
+                         blur_prob=0.5, solarize_prob=0.0)
     return Recipe("dino", (g1, g2) + (local,) * cfg.local_crops)
 
 

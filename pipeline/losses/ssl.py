@@ -9,6 +9,9 @@ Two conventions for cross-rank terms, both exact under DDP's averaging of parame
   global quantities (gathered features or statistics summed with ``all_reduce_sum``); the summing backward
   multiplies each local gradient by W and DDP divides it back.
 
+Every loss runs in fp32 with autocast off (``fp32_loss``): logits, softmaxes and correlation matrices are never
+bf16, whatever precision the engine trains in.
+
 Formulas follow the reference code: MoCo v3 (facebookresearch/moco-v3 ``builder.py``), BYOL (``2 - 2 cos``),
 Barlow Twins (facebookresearch/barlowtwins ``main.py``), VICReg (facebookresearch/vicreg ``main_vicreg.py``),
 DINO (facebookresearch/dino ``DINOLoss``), MAE (facebookresearch/mae ``models_mae.py``), CLIP (open_clip
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses.gather import all_reduce_sum, all_reduce_sum_no_grad, gather_features, world
+from pipeline.losses.precision import fp32_loss
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -33,19 +37,21 @@ def off_diagonal(m: torch.Tensor) -> torch.Tensor:
 # Contrastive
 
 
+@fp32_loss
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo v3: local queries against keys of the global batch, positive at ``rank * B + i``, scaled by 2T.
 
     ``k`` comes from the momentum encoder (no gradient); each rank returns the loss of its own queries.
     """
     rank, _ = world()
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(gather_features(k.detach().float()), dim=1)
+    q = F.normalize(q, dim=1)
+    k = F.normalize(gather_features(k.detach()), dim=1)
     logits = q @ k.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
+@fp32_loss
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, local_loss: bool = False
               ) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch (open_clip ``ClipLoss``); ``img``, ``txt`` L2-normalised.
@@ -67,6 +73,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, l
     return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
 
 
+@fp32_loss
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
                 ) -> torch.Tensor:
     """Sigmoid loss: -(1/B) sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b)), z_ij = 1 if i == j else -1.
@@ -88,18 +95,20 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
 # Distillation without negatives
 
 
+@fp32_loss
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Normalised MSE ``2 - 2 cos(p, z)`` per sample, averaged; ``z`` (the target) is detached."""
-    p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)
+    p, z = F.normalize(p, dim=-1), F.normalize(z.detach(), dim=-1)
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
 
 
+@fp32_loss
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
               student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO cross-entropy between the centred, sharpened teacher on each global view and the student on every
     other view, averaged over the (teacher view, student view) pairs. All per-sample: no cross-rank term."""
-    targets = [F.softmax((t.detach().float() - center) / teacher_temp, dim=-1) for t in teacher]
-    logps = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
+    targets = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher]
+    logps = [F.log_softmax(s / student_temp, dim=-1) for s in student]
     total, terms = 0.0, 0
     for iq, q in enumerate(targets):
         for v, logp in enumerate(logps):
@@ -136,20 +145,21 @@ def global_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (z - mean) / torch.sqrt(var + eps)
 
 
+@fp32_loss
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
     """sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, with C the cross-correlation of the two views'
     embeddings standardised over the global batch: C = sum_n z1n^T z2n / N."""
-    z1, z2 = global_standardize(z1.float()), global_standardize(z2.float())
+    z1, z2 = global_standardize(z1), global_standardize(z2)
     c = all_reduce_sum(z1.T @ z2) / _global_count(z1)
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     return on_diag + lambd * off_diagonal(c).pow(2).sum()
 
 
+@fp32_loss
 def vicreg_loss(x: torch.Tensor, y: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                 cov_coeff: float = 1.0, eps: float = 1e-4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VICReg: invariance (MSE), variance (hinge on the std of each dimension) and covariance (squared
     off-diagonal covariances / D), every term over the global batch. Returns the loss and its three terms."""
-    x, y = x.float(), y.float()
     n, d = _global_count(x), x.shape[1]
     invariance = all_reduce_sum((x - y).pow(2).sum()) / (n * d)
     std_loss, cov_loss = 0.0, 0.0
@@ -174,13 +184,14 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
 
 
+@fp32_loss
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
              norm_pix: bool = True) -> torch.Tensor:
     """Mean squared error on the masked patches (``mask`` 1 = removed); targets normalised per patch by their
     mean and (unbiased) variance when ``norm_pix``."""
-    target = patchify(imgs.float(), patch_size)
+    target = patchify(imgs, patch_size)
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    per_patch = (pred - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()

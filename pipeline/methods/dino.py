@@ -76,9 +76,13 @@ class DINO(Method):
         return loss, {}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """The base groups, with the head's last layer in a group of its own whose learning rate the engine's
-        schedule holds at 0 for ``freeze_last_layer_steps`` (DINO cancels its gradients for the first epoch;
-        a group's lr is what every engine can hold still, DeepSpeed's flat ZeRO partitions included)."""
+        """The base groups, with the head's last layer in a group of its own held still for
+        ``freeze_last_layer_steps`` (DINO's ``cancel_gradients_last_layer`` drops its gradient for the first
+        epoch). The schedule holds the group's lr at 0, which every engine honours; DDP and FSDP2 also zero its
+        gradient before clipping and keep its AdamW state at the initial zeros (``Engine.step``), which is what
+        dropping the gradient does. Kept deviation under DeepSpeed: its step owns clipping and AdamW on flat
+        partitions, so there the frozen layer's gradient still enters the global clipping norm and AdamW's
+        moments (the weights stay put all the same)."""
         groups = super().param_groups(weight_decay)
         if self.dcfg.freeze_last_layer_steps > 0:
             last = self.head.last_layer.weight
