@@ -154,7 +154,7 @@ class Jigsaw(Method):
         """Shuffled tiles (B x tiles x C x T x T: slot i holds tile ``permutations[label][i]``) and the labels."""
         tiles, _ = self.cut_tiles(x)
         if self.jcfg.normalize_tiles:
-            tiles = standardize(tiles)
+            tiles = standardize(tiles.float()).to(x.dtype)  # statistics in fp32 under DeepSpeed's bf16 views
         labels = torch.randint(0, self.permutations.shape[0], (x.shape[0],), device=x.device)
         order = self.permutations[labels]  # B x tiles
         return tiles[torch.arange(x.shape[0], device=x.device).unsqueeze(1), order], labels

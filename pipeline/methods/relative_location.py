@@ -147,7 +147,9 @@ class RelativeLocation(Method):
         pick = corners[torch.arange(b, device=x.device).unsqueeze(1), cells]  # B x K x 2
         pick = pick.unsqueeze(2).expand(-1, -1, ch, -1)  # every channel of a patch at the same corner
         patches = crop_at(x, pick[..., 0], pick[..., 1], self.rcfg.patch_size)
-        patches = self.preprocess(patches.flatten(0, 1)).view_as(patches)
+        # In fp32 whatever the views' dtype (DeepSpeed bf16 feeds bf16): resampling coordinates and per-patch
+        # statistics in bf16 would be off by up to half a pixel and a percent.
+        patches = self.preprocess(patches.flatten(0, 1).float()).to(x.dtype).view_as(patches)
         return patches, labels, corners
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
