@@ -122,9 +122,10 @@ class Jigsaw(Method):
             raise ConfigError(f"method.jigsaw.tile_size={c.tile_size} must be a multiple of the model's patch size "
                               f"{tuple(patch)}, or the encoder would drop the tiles' last pixels")
         self.tiles = c.grid ** 2
-        # A buffer, so checkpoints carry the set the classifier's rows refer to.
-        self.register_buffer("permutations",
-                             hamming_permutations(c.num_permutations, self.tiles, c.selection, c.permutation_seed))
+        # A buffer, so checkpoints carry the set the classifier's rows refer to (a copy: load_state_dict writes
+        # into buffers in place, which must not reach the cached set).
+        perms = hamming_permutations(c.num_permutations, self.tiles, c.selection, c.permutation_seed)
+        self.register_buffer("permutations", perms.clone())
         # The authors' CFN head: fc6 per tile (shared), fc7 on the concatenation, fc8 to the permutation classes.
         self.tile_head = nn.Sequential(nn.Linear(self.embed_dim, c.tile_dim), nn.ReLU(inplace=True), nn.Dropout(c.dropout))
         self.classifier = nn.Sequential(
