@@ -81,13 +81,15 @@ def print_summary(path: Path) -> None:
         return
     s = json.loads(path.read_text())
     print("\n=== summary ===")
-    if "knn" in s:
+    if "linear_probe" in s:
         print(f"{'':14s}{'pretrained':>12s}{'random init':>13s}{'raw pixels':>12s}")
-        for metric in ("linear_probe", "knn"):
+        for metric in ["linear_probe"] + [m for m in s if m.startswith("knn_k")]:
             row = s[metric]
-            print(f"{metric:14s}" + "".join(f"{row[k] * 100:>{w}.1f}%" if k in row else f"{'-':>{w + 1}s}"
-                                            for k, w in (("pretrained", 11), ("random_init", 12), ("raw_pixels", 11))))
-        print(f"(fitted on {s['num_train']} samples, scored on {s['num_test']})")
+            label = f"kNN k={metric[5:]}" if metric.startswith("knn_k") else metric
+            print(f"{label:14s}" + "".join(f"{row[k] * 100:>{w}.1f}%" if k in row else f"{'-':>{w + 1}s}"
+                                           for k, w in (("pretrained", 11), ("random_init", 12), ("raw_pixels", 11))))
+        print(f"(fitted on {s['num_train']} samples, scored on {s['num_test']}; kNN votes at T="
+              f"{s.get('knn_temperature', 0.07)})")
     if "images_per_sec" in s:
         print(f"throughput   {s['images_per_sec']:.0f} images/s ({s['images_per_sec_per_process']:.0f} per process, "
               f"{s['world_size']} processes)")

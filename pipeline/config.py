@@ -104,8 +104,9 @@ class AugmentConfig:
     blur_prob: float = 0.5
     """Gaussian blur probability (per view for symmetric recipes)."""
     solarize_prob: float = 0.0
-    local_crops: int = 0
-    """Number of small local crops (DINO multi-crop)."""
+    local_crops: int | None = None
+    """Number of small local crops (DINO multi-crop); None: the recipe's default, 8 for ``dino`` (main_dino.py's
+    ``--local_crops_number``), none for the others."""
     local_crop_size: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -128,8 +129,12 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    global_pool: str | None = None
+    """Override how the timm model pools its tokens into the feature vector (ViT: ``token`` = the class token,
+    ``avg`` = mean of the patch tokens; None keeps the preset's)."""
     dynamic_img_size: bool = False
-    """Accept inputs of any size (position embeddings interpolated): DINO's local crops need it."""
+    """Accept inputs of any size (position embeddings interpolated). DINO turns it on itself when its local crops
+    are smaller than the global views (its reference ViT interpolates position embeddings for every input)."""
     grad_checkpointing: bool = False
     """Activation checkpointing of the transformer blocks (applied by the engine)."""
     reg_tokens: int = 0
@@ -144,7 +149,7 @@ class ModelConfig:
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (also written next to exported weights)."""
         kwargs: dict[str, Any] = {"img_size": self.img_size, "num_classes": 0}
-        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        for key in ("patch_size", "embed_dim", "depth", "num_heads", "global_pool"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
         if self.drop_path_rate:
@@ -161,6 +166,8 @@ class SimCLRConfig:
     temperature: float = 0.1
     local_loss: bool = False
     """Each rank scores only its own rows against all gathered keys (O(B x WB) instead of O(WB x WB))."""
+    proj_layers: int = 2
+    """Linear layers of the projection head, each followed by BatchNorm: 2 in SimCLR v1, 3 in SimCLR v2."""
 
 
 FMNIST_TEMPLATES = (
@@ -205,6 +212,10 @@ class MoCoV3Config:
     """Initial EMA momentum of the key encoder; rises to 1 along a cosine over training."""
     pred_hidden_dim: int = 4096
     proj_layers: int = 3
+    stop_grad_conv1: bool = True
+    """ViT encoders: keep the randomly initialised patch projection fixed (MoCo v3's ``--stop-grad-conv1``, which
+    its CONFIG.md uses for every ViT: it removes the training instability the paper traces to the first layer).
+    The fixed projection is exported with the encoder."""
 
 
 @dataclass
@@ -244,6 +255,9 @@ class DINOConfig:
     center_momentum: float = 0.9
     momentum: float = 0.996
     """Initial EMA momentum of the teacher; rises to 1 along a cosine over training."""
+    norm_last_layer: bool = True
+    """The head's last layer has rows of norm fixed to 1 (DINO's ``--norm_last_layer``). DINO: false trains better
+    but can be unstable; its authors use false for ViT-S and true for ViT-B."""
     freeze_last_layer_steps: int = 0
     """Optimizer steps during which the head's last (prototype) layer stays as initialised (DINO's
     ``freeze_last_layer``, 1 epoch in its code): its learning rate is held at 0."""
@@ -361,7 +375,7 @@ class MethodConfig:
     proj_dim: int = 128
     """Output width of the projection MLP."""
     sync_bn: bool = True
-    """BatchNorm in the heads (MoCo v3, BYOL, Barlow Twins, VICReg) normalises with the statistics of the global
+    """BatchNorm in the heads (SimCLR, MoCo v3, BYOL, Barlow Twins, VICReg) normalises with the statistics of the global
     batch, all ranks together, as the papers' SyncBatchNorm; false: each rank's own batch (cheaper, but the
     statistics then depend on the per-rank batch size)."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
@@ -501,14 +515,20 @@ class MetricsConfig:
 class EvalConfig:
     at_end: bool = True
     """Run kNN + linear probe after training when eval shards are given."""
-    knn_k: int = 20
+    knn_k: tuple[int, ...] = (10, 20, 100, 200)
+    """Neighbour counts the weighted kNN is scored at, each reported (dinov2 ``eval/knn.py``'s defaults)."""
     knn_temperature: float = 0.07
+    """Temperature of the kNN votes' softmax over neighbour similarities (dinov2, DINO: 0.07)."""
     probe_max_iter: int = 1000
     max_train_samples: int = 0
     """Cap on samples used to fit kNN/probe (0: all)."""
     batch_size: int = 256
     baselines: bool = True
     """Also score a randomly initialised encoder and raw pixels with the same protocol."""
+
+    def __post_init__(self) -> None:
+        if not self.knn_k or any(k < 1 for k in self.knn_k):
+            raise ConfigError(f"eval.knn_k must be a non-empty list of positive integers, got {list(self.knn_k)}")
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import timm
 import torch
 from torch import nn
@@ -21,20 +23,102 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     return model
 
 
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (1 x H*W x dim) of a row-major patch grid: [sin, cos] of the
+    column, then of the row, frequencies 1 / 10000^(i / (dim/4)) (MAE ``util/pos_embed.py``; MoCo v3
+    ``vits.py: build_2d_sincos_position_embedding`` has the same values with rows and columns swapped, which a
+    square grid cannot tell apart)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed(xs), embed(ys)], dim=1).float().unsqueeze(0)
+
+
+def freeze_as_buffer(module: nn.Module, name: str, value: torch.Tensor | None = None) -> None:
+    """Turn parameter ``name`` of ``module`` into a persistent buffer of the same name (``value`` or its current
+    data): the state dict keys stay timm's, so the exported encoder still loads into ``timm.create_model``, and
+    every parameter of the encoder keeps training (engines treat frozen parameters as EMA teachers)."""
+    data = getattr(module, name).detach().clone() if value is None else value
+    delattr(module, name)
+    module.register_buffer(name, data)
+
+
+def use_fixed_pos_embed(encoder: nn.Module) -> None:
+    """Replace a timm ViT's learnable absolute position embedding by the fixed 2-D sin-cos one (zeros for the class
+    and register tokens), as MAE and MoCo v3 train their ViTs."""
+    pos = getattr(encoder, "pos_embed", None)
+    if pos is None or not hasattr(encoder, "patch_embed"):
+        raise ValueError(f"{type(encoder).__name__} has no absolute position embedding to fix")
+    grid = tuple(encoder.patch_embed.grid_size)
+    table = sincos_pos_embed_2d(pos.shape[-1], grid)
+    prefix = pos.shape[1] - table.shape[1]
+    freeze_as_buffer(encoder, "pos_embed", torch.cat([table.new_zeros(1, prefix, table.shape[-1]), table], dim=1))
+
+
+@torch.no_grad()
+def xavier_init_(module: nn.Module, split_qkv: bool = False) -> None:
+    """Every Linear of ``module`` xavier-uniform with zero bias (``split_qkv``: the q, k and v thirds of a fused
+    ``qkv`` each as its own matrix, as MoCo v3), LayerNorms at 1 and 0 (MAE ``models_mae.py: _init_weights``)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            if split_qkv and name.endswith("qkv"):
+                bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def init_vit_xavier(encoder: nn.Module, split_qkv: bool, cls_std: float) -> None:
+    """Re-initialise a timm ViT as MAE (``models_mae.py: initialize_weights``) and MoCo v3 (``vits.py``) do instead
+    of timm's truncated normal: :func:`xavier_init_`, the patch projection xavier-uniform on its flattened weight
+    with zero bias, the class token N(0, cls_std^2) (MAE 0.02, MoCo v3 1e-6)."""
+    xavier_init_(encoder, split_qkv)
+    proj = encoder.patch_embed.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    if proj.bias is not None:
+        nn.init.zeros_(proj.bias)
+    if getattr(encoder, "cls_token", None) is not None:
+        nn.init.normal_(encoder.cls_token, std=cls_std)
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, norm: str = "none",
-        last_norm: bool = False) -> nn.Sequential:
-    """Projection/prediction MLP: (Linear [-> BN] -> GELU) x (num_layers-1) -> Linear [-> BN without affine]."""
+        last_norm: bool = False, act: str = "relu") -> nn.Sequential:
+    """Projection/prediction MLP: (Linear [-> BN] -> act) x (num_layers-1) -> Linear [-> BN without affine];
+    ``norm`` is ``bn`` or ``none``.
+
+    With ``norm="bn"`` no Linear has a bias (a BatchNorm follows the hidden ones; the references' last layers
+    have none: BYOL ``networks.py``, MoCo v3 ``builder.py: _build_mlp``, Barlow Twins ``main.py``, VICReg
+    ``main_vicreg.py``, SimCLR ``model_util.py``), and the activation is ReLU, as in all of them; DINO's head
+    (``norm="none"``) has biases and GELU (dino ``vision_transformer.py: DINOHead``). ``last_norm`` ends in
+    BatchNorm without affine: MoCo v3's projector and ViT predictor; SimCLR's last BatchNorm keeps a scale, which
+    MoCo v3 drops "for simplicity" and so do we."""
+    activations = {"relu": nn.ReLU, "gelu": nn.GELU}
+    if act not in activations:
+        raise ValueError(f"mlp act={act!r} is not one of {', '.join(activations)}")
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
         layers.append(nn.Linear(dim, hidden_dim, bias=norm == "none"))
         if norm == "bn":
             layers.append(nn.BatchNorm1d(hidden_dim))
-        elif norm == "ln":
-            layers.append(nn.LayerNorm(hidden_dim))
-        layers.append(nn.GELU())
+        layers.append(activations[act]())
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=not last_norm))
+    layers.append(nn.Linear(dim, out_dim, bias=norm == "none" and not last_norm))
     if last_norm:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)

@@ -43,7 +43,7 @@ TINY_METHOD = {  # shrink the heads of the CPU presets further for tests
 
 
 def preset(name: str) -> Path:
-    return ROOT / "configs" / ("quickstart.yaml" if name == "simclr" else f"{name}.yaml")
+    return ROOT / "configs" / f"{name}.yaml"
 
 
 def tiny_config(name: str, overrides: list[str] | None = None):
@@ -224,6 +224,100 @@ def test_per_parameter_clipping_and_frozen_layer_under_fsdp():
         for r in ranks:
             np.testing.assert_allclose(r[name], g, rtol=1e-4, atol=1e-7, err_msg=name)
     assert clipped >= 3, "the threshold must bind on several parameters for the comparison to mean something"
+
+
+def _train_steps(cfg, steps: int = 2):
+    """A method and its engine after ``steps`` optimizer steps on random batches."""
+    from pipeline.distributed import DistEnv
+    from pipeline.engines import build_engine
+
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    engine = build_engine(cfg, DistEnv(), torch.device("cpu"))
+    engine.setup(method, steps)
+    for step in range(steps):
+        engine.micro_step(random_batch(cfg, method, seed=step), sync=True, scale=1.0)
+        engine.step()
+        method.after_step(step, steps)
+    return method, before
+
+
+def test_mocov3_vit_is_mocov3s_vit():
+    """moco-v3 vits.py / builder.py: fixed 2-D sin-cos position embedding (zeros for the class token), the random
+    patch projection never trained (``--stop-grad-conv1``), xavier init with q, k, v as separate matrices, class
+    token ~N(0, 1e-6), projector and predictor ending in BatchNorm without affine; both fixed tensors are buffers
+    under timm's names, so they are exported and timm loads them."""
+    from pipeline.models import sincos_pos_embed_2d
+
+    cfg = tiny_config("mocov3")
+    method, before = _train_steps(cfg)
+    enc = method.encoder
+    grid = tuple(enc.patch_embed.grid_size)
+    want = torch.cat([torch.zeros(1, 1, 32), sincos_pos_embed_2d(32, grid)], dim=1)
+    assert "pos_embed" in dict(enc.named_buffers()) and "patch_embed.proj.weight" in dict(enc.named_buffers())
+    torch.testing.assert_close(enc.pos_embed, want)
+    for key in ("encoder.pos_embed", "encoder.patch_embed.proj.weight", "encoder.patch_embed.proj.bias"):
+        assert torch.equal(method.state_dict()[key], before[key]), f"{key} trained"
+    assert not torch.equal(method.state_dict()["encoder.blocks.0.attn.qkv.weight"], before["encoder.blocks.0.attn.qkv.weight"])
+    torch.manual_seed(0)
+    fresh = build_method(cfg).encoder
+    qkv = fresh.blocks[0].attn.qkv.weight  # 96 x 32: uniform(+-sqrt(6 / (32 + 32)))
+    assert qkv.abs().max() <= math.sqrt(6 / 64) and qkv.abs().max() > 0.9 * math.sqrt(6 / 64)
+    assert fresh.cls_token.abs().max() < 1e-5
+    for head in (method.projector, method.predictor):
+        last = head[-1]
+        assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
+    cfg_off = tiny_config("mocov3", ["method.mocov3.stop_grad_conv1=false"])
+    assert "patch_embed.proj.weight" in dict(build_method(cfg_off).encoder.named_parameters())
+
+
+def test_mae_encoder_is_maes():
+    """mae models_mae.py: the encoder's position embedding is the fixed 2-D sin-cos table (never trained), Linear
+    weights are xavier-uniform with zero bias, encoder and decoder."""
+    from pipeline.models import sincos_pos_embed_2d
+
+    cfg = tiny_config("mae")
+    method, before = _train_steps(cfg)
+    enc = method.encoder
+    want = torch.cat([torch.zeros(1, 1, 32), sincos_pos_embed_2d(32, tuple(enc.patch_embed.grid_size))], dim=1)
+    torch.testing.assert_close(enc.pos_embed, want)
+    assert torch.equal(method.state_dict()["encoder.pos_embed"], before["encoder.pos_embed"])
+    torch.manual_seed(0)
+    fresh = build_method(cfg)
+    for lin in (fresh.encoder.blocks[0].mlp.fc1, fresh.decoder_blocks[0].attn.proj, fresh.decoder_pred):
+        out_f, in_f = lin.weight.shape
+        bound = math.sqrt(6 / (in_f + out_f))
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
+        assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
+
+
+def test_dino_head_matches_reference():
+    """dino DINOHead: the last layer keeps nn.Linear's default init (rows of norm ~1/sqrt(3), the reference builds
+    it after the truncated-normal init of the MLP); with ``norm_last_layer=false`` the per-row norm g is a
+    trained parameter starting at 1, frozen with the layer; the teacher tracks it. Without a preset DINO has
+    DINO's 8 local crops and interpolates position embeddings for them."""
+    cfg = tiny_config("dino", ["method.dino.bottleneck_dim=256", "method.dino.out_dim=512"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    rows = method.head.last_layer.weight.norm(dim=1)
+    assert rows.mean().item() == pytest.approx(1 / math.sqrt(3), rel=0.05)
+    assert not hasattr(method.head.last_layer, "weight_g")
+    cfg = tiny_config("dino", ["method.dino.norm_last_layer=false", "method.dino.freeze_last_layer_steps=1"])
+    method, before = _train_steps(cfg, 3)
+    g = method.head.last_layer.weight_g
+    assert g.requires_grad and not torch.equal(g, before["head.last_layer.weight_g"])
+    assert "teacher_head.last_layer.weight_g" in method.state_dict()
+    frozen = [grp for grp in method.param_groups(0.04) if grp.get("frozen_steps")]
+    assert len(frozen) == 1 and any(p is g for p in frozen[0]["params"])
+    from pipeline.data.recipes import build_recipe
+
+    default = load_config(None, ["method.name=dino", "model.name=vit_tiny_patch16_224", "model.img_size=64",
+                                 "method.dino.out_dim=1024",
+                                 "augment.image_size=64", "augment.local_crop_size=32"])
+    assert len(build_recipe(default.augment, method_recipe="dino").views) == 2 + 8
+    dino = build_method(default)
+    assert dino.encoder(torch.randn(1, 3, 32, 32)).shape[-1] == dino.embed_dim
 
 
 HELD_TARGETS = {
@@ -720,10 +814,8 @@ def test_short_run_exports_and_resumes(name, fmnist_shards, fmnist_caption_shard
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_every_method_has_cpu_and_gpu_presets(name):
-    """configs/<name>.yaml (CPU) and, except the SimCLR quickstart, ViT-S/16 and ViT-B/16 presets at 224 px."""
+    """configs/<name>.yaml (CPU) and ViT-S/16 and ViT-B/16 presets at 224 px."""
     assert load_config(preset(name)).method.name == name
-    if name == "simclr":
-        return
     for tag, arch in (("vits16", "vit_small_patch16_224"), ("vitb16", "vit_base_patch16_224")):
         cfg = load_config(ROOT / "configs" / f"{name}_{tag}.yaml")
         assert (cfg.method.name, cfg.model.name, cfg.model.img_size) == (name, arch, 224)

@@ -84,13 +84,19 @@ def byol_recipe(cfg: AugmentConfig) -> Recipe:
 
 
 def dino_recipe(cfg: AugmentConfig) -> Recipe:
-    """DINO multi-crop: 2 global views (asymmetric like BYOL) + ``local_crops`` small views."""
+    """DINO multi-crop (main_dino.py ``DataAugmentationDINO``): 2 global views (asymmetric like BYOL) +
+    ``local_crops`` small views."""
     global_scale = tuple(cfg.crop_scale) if cfg.crop_scale != (0.08, 1.0) else (0.4, 1.0)
     g1 = _simclr_view(cfg, BYOL_JITTER, scale=global_scale, blur_prob=1.0, solarize_prob=0.0)
     g2 = _simclr_view(cfg, BYOL_JITTER, scale=global_scale, blur_prob=0.1, solarize_prob=0.2)
     local = _simclr_view(cfg, BYOL_JITTER, size=cfg.local_crop_size, scale=tuple(cfg.local_crop_scale),
                          blur_prob=0.5, solarize_prob=0.0)
-    return Recipe("dino", (g1, g2) + (local,) * cfg.local_crops)
+    return Recipe("dino", (g1, g2) + (local,) * dino_local_crops(cfg))
+
+
+def dino_local_crops(cfg: AugmentConfig) -> int:
+    """``augment.local_crops``, or DINO's default of 8 (main_dino.py ``--local_crops_number``) when unset."""
+    return 8 if cfg.local_crops is None else cfg.local_crops
 
 
 def clip_recipe(cfg: AugmentConfig) -> Recipe:
