@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 
-
 METHOD_NAMES = (
     "simclr", "clip", "mocov3", "byol", "barlow_twins", "vicreg", "dino", "mae", "rotnet",
     "jigsaw", "relative_location",

@@ -294,8 +294,8 @@ class JigsawConfig:
     tile_size: int = 64
     """Side of each tile in pixels, cut from a cell of ``augment.image_size // grid`` pixels at a random offset, so
     neighbouring tiles are separated by a random gap (the paper: 64 px tiles from the 85 px cells of a 255 px crop,
-    a 21 px gap on average). The encoder sees tiles at this size: a multiple of the model's patch size, and
-    ``model.dynamic_img_size=true`` unless it equals ``model.img_size``."""
+    a 21 px gap on average). The encoder sees tiles at this size: a multiple of the model's patch size (the method
+    turns on ``model.dynamic_img_size`` unless it equals ``model.img_size``)."""
     num_permutations: int = 1000
     """Classes of the puzzle: how many tile orders, chosen for maximal Hamming distance (the paper's best transfer
     came from 1000; VISSL's configs use 100 to 10k)."""
@@ -335,7 +335,8 @@ class JigsawConfig:
 @dataclass
 class RelativeLocationConfig:
     patch_size: int = 96
-    """Side of each image patch in pixels (not the ViT's patch): Doersch et al. sample 96 px patches."""
+    """Side of each image patch in pixels (not the ViT's patch): Doersch et al. sample 96 px patches. A multiple of
+    the model's patch size (the method turns on ``model.dynamic_img_size`` unless it equals ``model.img_size``)."""
     gap: int = 48
     """Pixels between neighbouring patches of the 3x3 grid before jitter (the paper: half a patch), so a patch's
     edges do not continue into its neighbour's."""

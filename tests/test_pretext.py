@@ -185,8 +185,8 @@ def test_jigsaw_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="augment.image_size to at least 48"):
         build_method(tiny_config("jigsaw", ["augment.image_size=40", "method.jigsaw.tile_size=14",
                                             "method.jigsaw.channel_jitter=2"]))
-    with pytest.raises(ConfigError, match="dynamic_img_size=true"):
-        build_method(tiny_config("jigsaw", ["model.dynamic_img_size=false"]))
+    cfg = tiny_config("jigsaw", ["model.dynamic_img_size=false"])
+    assert build_method(cfg).encoder.dynamic_img_size and cfg.model.timm_kwargs()["dynamic_img_size"]
     with pytest.raises(ConfigError, match="multiple of the model's patch size"):
         build_method(tiny_config("jigsaw", ["method.jigsaw.tile_size=15"]))
     with pytest.raises(ConfigError, match=r"num_permutations must be in \[2, 24\]"):
@@ -279,8 +279,8 @@ def test_colour_dropping_and_patch_normalisation():
 def test_relative_location_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="needs augment.image_size >= 58"):
         build_method(tiny_config("relative_location", ["augment.image_size=57"]))
-    with pytest.raises(ConfigError, match="dynamic_img_size=true"):
-        build_method(tiny_config("relative_location", ["model.dynamic_img_size=false"]))
+    cfg = tiny_config("relative_location", ["model.dynamic_img_size=false"])
+    assert build_method(cfg).encoder.dynamic_img_size and cfg.model.timm_kwargs()["dynamic_img_size"]
     with pytest.raises(ConfigError, match="multiple of the model's patch size"):
         build_method(tiny_config("relative_location", ["augment.image_size=64", "method.relative_location.patch_size=15"]))
 

@@ -114,8 +114,9 @@ class Jigsaw(Method):
                               f"{c.tile_size} px tiles plus {c.channel_jitter} px channel jitter; raise "
                               f"augment.image_size to at least {c.grid * (c.tile_size + c.channel_jitter)}")
         if c.tile_size != cfg.model.img_size and not cfg.model.dynamic_img_size:
-            raise ConfigError(f"method.jigsaw: {c.tile_size} px tiles through a model built for {cfg.model.img_size} "
-                              f"px need model.dynamic_img_size=true")
+            # Tiles are smaller than the model's input: position embeddings must be interpolated (as DINO's local
+            # crops). The config records it, so the export (config.json) says so too.
+            cfg.model.dynamic_img_size = True
         super().__init__(cfg)
         patch = getattr(getattr(self.encoder, "patch_embed", None), "patch_size", (1, 1))
         if c.tile_size % patch[0] or c.tile_size % patch[1]:

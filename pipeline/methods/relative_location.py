@@ -89,8 +89,9 @@ class RelativeLocation(Method):
                               f"jittered by up to {c.jitter} px, needs augment.image_size >= {span + 2 * c.jitter}, "
                               f"got {cfg.augment.image_size}")
         if c.patch_size != cfg.model.img_size and not cfg.model.dynamic_img_size:
-            raise ConfigError(f"method.relative_location: {c.patch_size} px patches through a model built for "
-                              f"{cfg.model.img_size} px need model.dynamic_img_size=true")
+            # Patches are smaller than the model's input: position embeddings must be interpolated (as DINO's local
+            # crops). The config records it, so the export (config.json) says so too.
+            cfg.model.dynamic_img_size = True
         super().__init__(cfg)
         patch = getattr(getattr(self.encoder, "patch_embed", None), "patch_size", (1, 1))
         if c.patch_size % patch[0] or c.patch_size % patch[1]:
