@@ -24,6 +24,13 @@ METHOD_NAMES = (
 """``method.name`` values for the help text, kept here so ``--help`` does not import torch and timm; a test holds it
 equal to ``pipeline.methods.METHODS``."""
 
+METHOD_NAMES = (
+    "simclr", "clip", "mocov3", "byol", "barlow_twins", "vicreg", "dino", "mae", "rotnet",
+    "jigsaw", "relative_location",
+)
+"""``method.name`` values for the help text, kept here so ``--help`` does not import torch and timm; a test holds it
+equal to ``pipeline.methods.METHODS``."""
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset (configs/quickstart.yaml, configs/<method>.yaml for CPU, "

@@ -8,6 +8,7 @@ keys. The resolved tree is written into the run directory, so a run can be repro
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,10 +210,16 @@ class ModelConfig:
     """With ``global_pool=avg``: false keeps the final norm on every token and pools the normed tokens (I-JEPA's
     encoder and evaluation); true normalises after pooling instead (MAE's fine-tuning head); None is timm's
     choice (true for avg)."""
+    reg_tokens: int = 0
+    """Register tokens (Darcet et al. 2024, "Vision Transformers Need Registers"): learnt tokens appended after the
+    class token that absorb the high-norm artefacts of large ViTs; timm's ``reg_tokens``. Every method treats them
+    as prefix tokens (never masked, never pooled) and the export records them, so timm rebuilds the same model."""
 
     def __post_init__(self) -> None:
         if not self.class_token and self.global_pool in (None, "token"):
             raise ConfigError("model.class_token=false needs a pooling without it: set model.global_pool=avg")
+        if self.reg_tokens < 0:
+            raise ConfigError(f"model.reg_tokens must be >= 0, got {self.reg_tokens}")
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (also written next to exported weights)."""
@@ -228,6 +235,8 @@ class ModelConfig:
             kwargs["class_token"] = False
         if self.fc_norm is not None:
             kwargs["fc_norm"] = self.fc_norm
+        if self.reg_tokens:
+            kwargs["reg_tokens"] = self.reg_tokens
         return kwargs
 
 
@@ -445,6 +454,90 @@ class IJEPAConfig:
             raise ConfigError(f"method.ijepa.num_targets must be >= 1, got {self.num_targets}")
 
 
+# -- Pretext tasks: jigsaw puzzles and relative patch location (issue #15) ----------------------------------------
+
+
+@dataclass
+class JigsawConfig:
+    grid: int = 3
+    """Tiles per side: the view is cut into grid x grid cells, one tile from each (3: the paper's nine tiles). 2 or 3:
+    the permutation set is chosen from all (grid^2)! orders."""
+    tile_size: int = 64
+    """Side of each tile in pixels, cut from a cell of ``augment.image_size // grid`` pixels at a random offset, so
+    neighbouring tiles are separated by a random gap (the paper: 64 px tiles from the 85 px cells of a 255 px crop,
+    a 21 px gap on average). The encoder sees tiles at this size: a multiple of the model's patch size (the method
+    turns on ``model.dynamic_img_size`` unless it equals ``model.img_size``)."""
+    num_permutations: int = 1000
+    """Classes of the puzzle: how many tile orders, chosen for maximal Hamming distance (the paper's best transfer
+    came from 1000; VISSL's configs use 100 to 10k)."""
+    selection: str = "max_avg"
+    """How the permutation set is grown, greedily from one random order: ``max_avg`` adds the order with the largest
+    summed Hamming distance to those chosen (Noroozi & Favaro, Algorithm 1; VISSL's default), ``max_min`` the one
+    with the largest distance to its nearest chosen order (keeps the minimum distance high)."""
+    permutation_seed: int = 0
+    """Seed of the first, random order of the permutation set; the rest follows deterministically."""
+    channel_jitter: int = 2
+    """Each colour channel of each tile is shifted by its own 0..N pixels (the authors' countermeasure against
+    chromatic aberration, which otherwise tells a tile's distance from the lens centre); 0 disables."""
+    normalize_tiles: bool = True
+    """Normalise every tile to zero mean and unit standard deviation on its own, so low-level statistics shared by
+    neighbouring tiles do not give their positions away (the paper, Sec. 3.2)."""
+    tile_dim: int = 1024
+    """Width of the per-tile layer after the encoder (the authors' fc6) whose outputs are concatenated."""
+    hidden_dim: int = 4096
+    """Width of the layer on the concatenated tiles (the authors' fc7) before the permutation classifier."""
+    dropout: float = 0.5
+    """Dropout after the per-tile and the joint layer, as the authors' network."""
+
+    def __post_init__(self) -> None:
+        _check_choice("method.jigsaw.selection", self.selection, ("max_avg", "max_min"))
+        if self.grid not in (2, 3):
+            raise ConfigError(f"method.jigsaw.grid must be 2 or 3, got {self.grid}")
+        total = math.factorial(self.grid ** 2)
+        if not 2 <= self.num_permutations <= total:
+            raise ConfigError(f"method.jigsaw.num_permutations must be in [2, {total}] for a {self.grid}x{self.grid} "
+                              f"grid, got {self.num_permutations}")
+        if self.tile_size < 1 or self.channel_jitter < 0:
+            raise ConfigError("method.jigsaw.tile_size must be >= 1 and channel_jitter >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.jigsaw.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class RelativeLocationConfig:
+    patch_size: int = 96
+    """Side of each image patch in pixels (not the ViT's patch): Doersch et al. sample 96 px patches. A multiple of
+    the model's patch size (the method turns on ``model.dynamic_img_size`` unless it equals ``model.img_size``)."""
+    gap: int = 48
+    """Pixels between neighbouring patches of the 3x3 grid before jitter (the paper: half a patch), so a patch's
+    edges do not continue into its neighbour's."""
+    jitter: int = 7
+    """Each patch is moved by up to this many pixels along each axis (the paper: 7), so lines do not line up."""
+    all_neighbours: bool = False
+    """False: one neighbour per image, drawn from the 8, paired with the centre patch (the paper's task). True: the
+    centre patch paired with each of its 8 neighbours, 8 questions per image for 9 encoded patches."""
+    color_dropping: bool = True
+    """Keep one random colour channel of each patch and replace the other two with faint Gaussian noise (1/100 of
+    the kept channel's standard deviation), the paper's countermeasure against chromatic aberration."""
+    downsample_prob: float = 0.33
+    """Fraction of patches shrunk to as few as ``min_pixels`` pixels and enlarged back (bilinear), for robustness to
+    pixelation (the authors' code: a third of the patches, down to 100 pixels)."""
+    min_pixels: int = 100
+    normalize_patches: bool = True
+    """Normalise each patch on its own (zero mean, unit root mean square) so the gradient of brightness across
+    the image does not give positions away, as the authors' code."""
+    hidden_dim: int = 4096
+    """Width of the two layers on the concatenated pair (the authors' fc7 and fc8) before the 8-way classifier."""
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 1 or self.gap < 0 or self.jitter < 0:
+            raise ConfigError("method.relative_location.patch_size must be >= 1, gap and jitter >= 0")
+        if not 0.0 <= self.downsample_prob <= 1.0:
+            raise ConfigError(f"method.relative_location.downsample_prob must be in [0, 1], got {self.downsample_prob}")
+        if not 1 <= self.min_pixels <= self.patch_size ** 2:
+            raise ConfigError(f"method.relative_location.min_pixels must be in [1, patch_size^2], got {self.min_pixels}")
+
+
 @dataclass
 class MethodConfig:
     name: str = "simclr"
@@ -468,6 +561,8 @@ class MethodConfig:
     rotnet: RotNetConfig = field(default_factory=RotNetConfig)
     dinov2: DINOv2Config = field(default_factory=DINOv2Config)
     ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
+    jigsaw: JigsawConfig = field(default_factory=JigsawConfig)
+    relative_location: RelativeLocationConfig = field(default_factory=RelativeLocationConfig)
 
 
 @dataclass

@@ -123,6 +123,14 @@ def single_recipe(cfg: AugmentConfig) -> Recipe:
     return Recipe("single", (view,))
 
 
+def jigsaw_recipe(cfg: AugmentConfig) -> Recipe:
+    """The view a jigsaw puzzle is cut from (the method tiles it on the device): crop + flip, and grayscale for
+    part of the images against chromatic aberration (the authors' code greys half of the puzzles, VISSL 2/3)."""
+    view = ViewSpec(size=cfg.image_size, scale=tuple(cfg.crop_scale), flip_prob=0.5, grayscale_prob=cfg.grayscale_prob,
+                    mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return Recipe("jigsaw", (view,))
+
+
 def eval_recipe(cfg: AugmentConfig) -> Recipe:
     view = ViewSpec(size=cfg.image_size, scale=(1.0, 1.0), center=True, mean=tuple(cfg.mean), std=tuple(cfg.std))
     return Recipe("eval", (view,))
@@ -136,6 +144,7 @@ RECIPES: dict[str, Callable[[AugmentConfig], Recipe]] = {
     "mae": mae_recipe,
     "single": single_recipe,
     "ijepa": ijepa_recipe,
+    "jigsaw": jigsaw_recipe,
     "eval": eval_recipe,
 }
 

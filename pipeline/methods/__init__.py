@@ -10,9 +10,11 @@ from pipeline.methods.clip import CLIP
 from pipeline.methods.dino import DINO
 from pipeline.methods.dinov2 import DINOv2
 from pipeline.methods.ijepa import IJEPA
+from pipeline.methods.jigsaw import Jigsaw
 from pipeline.methods.mae import MAE
 from pipeline.methods.mocov3 import MoCoV3
 from pipeline.methods.redundancy import BarlowTwins, VICReg
+from pipeline.methods.relative_location import RelativeLocation
 from pipeline.methods.rotnet import RotNet
 from pipeline.methods.simclr import SimCLR
 from pipeline.models import sync_batchnorm
@@ -30,6 +32,9 @@ METHODS: dict[str, type[Method]] = {
     # objectives of today's strongest open encoders (issue #15)
     "dinov2": DINOv2,
     "ijepa": IJEPA,
+    # pretext tasks (issue #15)
+    "jigsaw": Jigsaw,
+    "relative_location": RelativeLocation,
 }
 
 
