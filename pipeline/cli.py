@@ -19,14 +19,7 @@ from pipeline.errors import DEBUG_ENV, debug_requested, exit_code, user_message
 
 METHOD_NAMES = (
     "simclr", "clip", "mocov3", "byol", "barlow_twins", "vicreg", "dino", "mae", "rotnet",
-    "dinov2", "ijepa",
-)
-"""``method.name`` values for the help text, kept here so ``--help`` does not import torch and timm; a test holds it
-equal to ``pipeline.methods.METHODS``."""
-
-METHOD_NAMES = (
-    "simclr", "clip", "mocov3", "byol", "barlow_twins", "vicreg", "dino", "mae", "rotnet",
-    "jigsaw", "relative_location",
+    "dinov2", "ijepa", "jigsaw", "relative_location",
 )
 """``method.name`` values for the help text, kept here so ``--help`` does not import torch and timm; a test holds it
 equal to ``pipeline.methods.METHODS``."""

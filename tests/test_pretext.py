@@ -306,12 +306,14 @@ def test_every_method_trains_with_register_tokens_and_exports_them(name, tmp_pat
     cfg = tiny_config(name, ["model.reg_tokens=2"])
     torch.manual_seed(0)
     method = build_method(cfg)
-    assert method.encoder.num_prefix_tokens == 3 and method.encoder.reg_token.shape[1] == 2
+    assert method.encoder.num_prefix_tokens == int(cfg.model.class_token) + 2  # I-JEPA has no class token
+    assert method.encoder.reg_token.shape[1] == 2
     loss, _ = method(random_batch(cfg, method))
     loss.backward()
     assert method.encoder.reg_token.grad is not None and method.encoder.reg_token.grad.abs().sum() > 0
     export_encoder(method.state_dict(), cfg, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["timm_kwargs"]["reg_tokens"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["model_args"]["reg_tokens"] == 2  # timm's layout
+    assert json.loads((tmp_path / "pipeline.json").read_text())["timm_kwargs"]["reg_tokens"] == 2
     model = load_exported(tmp_path)  # strict
     x = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size)
     with torch.no_grad():
@@ -348,12 +350,11 @@ def test_a_run_with_register_tokens_exports_what_timm_loads(fmnist_shards, tmp_p
                  if not o.startswith("method.proj")]
     cfg = tiny_config("mae", [*overrides, "model.reg_tokens=4"])
     assert train(cfg)["steps"] == 4
-    meta = json.loads((run / "export" / "config.json").read_text())
-    assert meta["timm_kwargs"]["reg_tokens"] == 4
-    model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])
-    model.load_state_dict(load_file(str(run / "export" / "model.safetensors")), strict=True)
+    assert json.loads((run / "export" / "config.json").read_text())["model_args"]["reg_tokens"] == 4
+    model = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)  # timm's hub loader, strict
+    weights = load_file(str(run / "export" / "model.safetensors"))
+    torch.testing.assert_close(model.state_dict()["reg_token"], weights["reg_token"])
     assert model.num_prefix_tokens == 5
-
 
 
 def test_cli_help_lists_every_registered_method(capsys):
