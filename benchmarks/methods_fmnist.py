@@ -7,6 +7,9 @@ Needs ``apt-get install -y dataset-fashion-mnist``. Writes ``results.json`` and 
 (and, per method, the run directory under ``--out/runs``). Each method trains from its CPU preset
 ``configs/<method>.yaml`` in one process with the overrides below, so the budget (steps x batch) is identical.
 CLIP trains on the same images with templated captions and also reports zero-shot accuracy.
+
+``--methods a,b`` trains only those and adds their rows to an existing ``results.json`` of the same budget (a
+different budget is refused), so a new method joins the table without re-running the others.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pipeline.methods import METHODS, build_method
 from pipeline.trainer import train
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+METRICS = ("linear_probe", "knn_k10", "knn_k20", "knn_k100", "knn_k200")
+"""Columns of the table: the evaluation's metrics (pipeline.evaluation.evaluate, eval.knn_k at its default)."""
 
 
 def write_fmnist(root: Path, n_train: int, n_test: int) -> dict[str, Path]:
@@ -68,10 +73,16 @@ def main() -> int:
     shards = write_fmnist(out / "data", args.train_samples, args.test_samples)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    budget = {"steps": args.steps, "batch_size": args.batch_size, "train_samples": args.train_samples,
+              "test_samples": args.test_samples}
+    old = {k: results.get("setup", {}).get(k) for k in budget}
+    if "setup" in results and old != budget:
+        raise SystemExit(f"{results_file} holds rows at another budget ({old}); a row at {budget} would not be "
+                         "comparable: rerun with that budget or pick another --out")
     env, device = read_dist_env(), torch.device("cpu")
     torch.set_num_threads(1)  # one thread: the 2-core machine is shared, more threads only thrash
     for name in args.methods.split(","):
-        preset = "configs/quickstart.yaml" if name == "simclr" else f"configs/{name}.yaml"
+        preset = f"configs/{name}.yaml"
         cfg = load_config(preset, [
             f"run.output_dir={out / 'runs'}", f"run.name={name}", "checkpoint.resume=auto",
             f"data.train_shards={shards['captions' if name == 'clip' else 'train']}",
@@ -85,8 +96,8 @@ def main() -> int:
         minutes = (time.perf_counter() - t0) / 60
         encoder = load_exported(summary["export"])
         scores = evaluate(cfg, encoder, env, device)
-        row = {"knn": scores["knn"]["pretrained"], "linear_probe": scores["linear_probe"]["pretrained"],
-               "final_loss": summary.get("final_loss"), "train_minutes": round(minutes, 2)}
+        row = {m: scores[m]["pretrained"] for m in METRICS} | {
+            "final_loss": summary.get("final_loss"), "train_minutes": round(minutes, 2)}
         if name == "clip":
             method = build_method(cfg)
             from pipeline.engines.ddp import DDPEngine
@@ -98,10 +109,8 @@ def main() -> int:
         if "baselines" not in results:
             cfg.eval.baselines = True
             base = evaluate(cfg, encoder, env, device)
-            results["baselines"] = {k: {"knn": base["knn"][k], "linear_probe": base["linear_probe"][k]}
-                                    for k in ("random_init", "raw_pixels")}
-        results["setup"] = {"steps": args.steps, "batch_size": args.batch_size, "train_samples": args.train_samples,
-                            "test_samples": args.test_samples, "command": " ".join(["python"] + sys.argv)}
+            results["baselines"] = {k: {m: base[m][k] for m in METRICS} for k in ("random_init", "raw_pixels")}
+        results["setup"] = budget | {"command": " ".join(["python"] + sys.argv)}
         results_file.write_text(json.dumps(results, indent=1))
         print(name, row, flush=True)
     write_table(results, out / "results.md")
@@ -114,16 +123,17 @@ def write_table(results: dict, path: Path) -> None:
              f"(1 process), {s['train_samples']} train / {s['test_samples']} test images")
     lines = [title, "",
              f"Reproduce: `PYTHONPATH=$PWD {s['command']}`", "",
-             "| encoder | kNN (k=20) | linear probe | zero-shot | final loss | train min |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             ("| encoder | linear probe | kNN k=10 | kNN k=20 | kNN k=100 | kNN k=200 | zero-shot | final loss | "
+             "train min |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         if name in ("setup", "baselines"):
             continue
         zs = f"{r['zero_shot']:.3f}" if "zero_shot" in r else ""
-        lines.append(f"| {name} | {r['knn']:.3f} | {r['linear_probe']:.3f} | {zs} | {r['final_loss']:.4f} | "
-                     f"{r['train_minutes']} |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) +
+                     f" | {zs} | {r['final_loss']:.4f} | {r['train_minutes']} |")
     for name, r in results.get("baselines", {}).items():
-        lines.append(f"| {name} (baseline) | {r['knn']:.3f} | {r['linear_probe']:.3f} |  |  |  |")
+        lines.append(f"| {name} (baseline) | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |  |  |  |")
     path.write_text("\n".join(lines) + "\n")
 
 

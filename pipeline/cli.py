@@ -17,10 +17,19 @@ from pathlib import Path
 from pipeline.config import Config, load_config
 from pipeline.errors import DEBUG_ENV, debug_requested, exit_code, user_message
 
+METHOD_NAMES = (
+    "simclr", "clip", "mocov3", "byol", "barlow_twins", "vicreg", "dino", "mae", "rotnet",
+    "dinov2", "ijepa", "jigsaw", "relative_location",
+)
+"""``method.name`` values for the help text, kept here so ``--help`` does not import torch and timm; a test holds it
+equal to ``pipeline.methods.METHODS``."""
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML preset (e.g. configs/quickstart.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 loader.batch_size=128")
+    p.add_argument("config", help="YAML preset (configs/quickstart.yaml, configs/<method>.yaml for CPU, "
+                                  "configs/<method>_vits16.yaml and _vitb16.yaml for GPUs)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 loader.batch_size=128 method=byol")
+    p.epilog = f"methods (method=NAME): {', '.join(METHOD_NAMES)}"
 
 
 def cmd_shards_write(args: argparse.Namespace) -> int:
@@ -102,13 +111,15 @@ def print_summary(path: Path) -> None:
         return
     s = json.loads(path.read_text())
     print("\n=== summary ===")
-    if "knn" in s:
+    if "linear_probe" in s:
         print(f"{'':14s}{'pretrained':>12s}{'random init':>13s}{'raw pixels':>12s}")
-        for metric in ("linear_probe", "knn"):
+        for metric in ["linear_probe"] + [m for m in s if m.startswith("knn_k")]:
             row = s[metric]
-            print(f"{metric:14s}" + "".join(f"{row[k] * 100:>{w}.1f}%" if k in row else f"{'-':>{w + 1}s}"
-                                            for k, w in (("pretrained", 11), ("random_init", 12), ("raw_pixels", 11))))
-        print(f"(fitted on {s['num_train']} samples, scored on {s['num_test']})")
+            label = f"kNN k={metric[5:]}" if metric.startswith("knn_k") else metric
+            print(f"{label:14s}" + "".join(f"{row[k] * 100:>{w}.1f}%" if k in row else f"{'-':>{w + 1}s}"
+                                           for k, w in (("pretrained", 11), ("random_init", 12), ("raw_pixels", 11))))
+        print(f"(fitted on {s['num_train']} samples, scored on {s['num_test']}; kNN votes at T="
+              f"{s.get('knn_temperature', 0.07)})")
     if "images_per_sec" in s:
         print(f"throughput   {s['images_per_sec']:.0f} images/s ({s['images_per_sec_per_process']:.0f} per process, "
               f"{s['world_size']} processes)")

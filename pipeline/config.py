@@ -8,6 +8,7 @@ keys. The resolved tree is written into the run directory, so a run can be repro
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,14 +162,17 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     """Area range of random resized crops of the global views."""
     jitter_strength: float = 1.0
-    """Colour jitter strength s: brightness/contrast/saturation 0.8s, hue 0.2s (SimCLR)."""
+    """Colour jitter strength s, scaling the recipe's own jitter: brightness/contrast/saturation/hue
+    (0.8, 0.8, 0.8, 0.2) x s for ``simclr`` (SimCLR), (0.4, 0.4, 0.2, 0.1) x s for ``byol`` and ``dino`` (BYOL,
+    MoCo v3, Barlow Twins, VICReg, DINO)."""
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
     """Gaussian blur probability (per view for symmetric recipes)."""
     solarize_prob: float = 0.0
-    local_crops: int = 0
-    """Number of small local crops (DINO multi-crop)."""
+    local_crops: int | None = None
+    """Number of small local crops (DINO multi-crop); None: the recipe's default, 8 for ``dino`` (main_dino.py's
+    ``--local_crops_number``), none for the others."""
     local_crop_size: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -191,21 +195,48 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    global_pool: str | None = None
+    """Override how the timm model pools its tokens into the feature vector (ViT: ``token`` = the class token,
+    ``avg`` = mean of the patch tokens; None keeps the preset's)."""
     dynamic_img_size: bool = False
-    """Accept inputs of any size (position embeddings interpolated): DINO's local crops need it."""
+    """Accept inputs of any size (position embeddings interpolated). DINO turns it on itself when its local crops
+    are smaller than the global views (its reference ViT interpolates position embeddings for every input)."""
     grad_checkpointing: bool = False
     """Activation checkpointing of the transformer blocks (applied by the engine)."""
+    class_token: bool = True
+    """A class token before the patch tokens (timm's ``class_token``); I-JEPA trains without one (with
+    ``global_pool=avg``)."""
+    fc_norm: bool | None = None
+    """With ``global_pool=avg``: false keeps the final norm on every token and pools the normed tokens (I-JEPA's
+    encoder and evaluation); true normalises after pooling instead (MAE's fine-tuning head); None is timm's
+    choice (true for avg)."""
+    reg_tokens: int = 0
+    """Register tokens (Darcet et al. 2024, "Vision Transformers Need Registers"): learnt tokens appended after the
+    class token that absorb the high-norm artefacts of large ViTs; timm's ``reg_tokens``. Every method treats them
+    as prefix tokens (never masked, never pooled) and the export records them, so timm rebuilds the same model."""
+
+    def __post_init__(self) -> None:
+        if not self.class_token and self.global_pool in (None, "token"):
+            raise ConfigError("model.class_token=false needs a pooling without it: set model.global_pool=avg")
+        if self.reg_tokens < 0:
+            raise ConfigError(f"model.reg_tokens must be >= 0, got {self.reg_tokens}")
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (also written next to exported weights)."""
         kwargs: dict[str, Any] = {"img_size": self.img_size, "num_classes": 0}
-        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        for key in ("patch_size", "embed_dim", "depth", "num_heads", "global_pool"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
         if self.drop_path_rate:
             kwargs["drop_path_rate"] = self.drop_path_rate
         if self.dynamic_img_size:
             kwargs["dynamic_img_size"] = True
+        if not self.class_token:
+            kwargs["class_token"] = False
+        if self.fc_norm is not None:
+            kwargs["fc_norm"] = self.fc_norm
+        if self.reg_tokens:
+            kwargs["reg_tokens"] = self.reg_tokens
         return kwargs
 
 
@@ -214,6 +245,8 @@ class SimCLRConfig:
     temperature: float = 0.1
     local_loss: bool = False
     """Each rank scores only its own rows against all gathered keys (O(B x WB) instead of O(WB x WB))."""
+    proj_layers: int = 2
+    """Linear layers of the projection head, each followed by BatchNorm: 2 in SimCLR v1, 3 in SimCLR v2."""
 
 
 FMNIST_TEMPLATES = (
@@ -258,6 +291,10 @@ class MoCoV3Config:
     """Initial EMA momentum of the key encoder; rises to 1 along a cosine over training."""
     pred_hidden_dim: int = 4096
     proj_layers: int = 3
+    stop_grad_conv1: bool = True
+    """ViT encoders: keep the randomly initialised patch projection fixed (MoCo v3's ``--stop-grad-conv1``, which
+    its CONFIG.md uses for every ViT: it removes the training instability the paper traces to the first layer).
+    The fixed projection is exported with the encoder."""
 
 
 @dataclass
@@ -297,6 +334,9 @@ class DINOConfig:
     center_momentum: float = 0.9
     momentum: float = 0.996
     """Initial EMA momentum of the teacher; rises to 1 along a cosine over training."""
+    norm_last_layer: bool = True
+    """The head's last layer has rows of norm fixed to 1 (DINO's ``--norm_last_layer``). DINO: false trains better
+    but can be unstable; its authors use false for ViT-S and true for ViT-B."""
     freeze_last_layer_steps: int = 0
     """Optimizer steps during which the head's last (prototype) layer stays as initialised (DINO's
     ``freeze_last_layer``, 1 epoch in its code): its learning rate is held at 0."""
@@ -322,6 +362,182 @@ class RotNetConfig:
     """Score all four rotations of every image (Gidaris et al.); false: one random rotation per image."""
 
 
+# -- DINOv2 and I-JEPA (issue #15) --------------------------------------------------------------------------------
+
+
+@dataclass
+class DINOv2Config:
+    """DINOv2's additions to DINO. The image-level DINO part (head sizes, temperatures and their warm-up, centre
+    momentum, EMA momentum, last-layer freeze) is ``method.dino``; the defaults here are dinov2's
+    ``ssl_default_config.yaml``."""
+
+    centering: str = "sinkhorn_knopp"
+    """How teacher outputs become targets, for the DINO and the iBOT loss: ``sinkhorn_knopp`` (SwAV's balanced
+    assignment over the global batch, the DINOv2 paper's choice and its ViT-L/g configs) or ``centering`` (DINO's
+    softmax around an EMA centre of the global batch, dinov2's default config)."""
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.1
+    """Weight of the KoLeo regulariser on the student's class tokens of each global crop (0 disables)."""
+    koleo_global_batch: bool = True
+    """KoLeo's nearest neighbours among the global batch (every rank's crops); false: among this rank's only, as the
+    dinov2 code does (the regulariser then depends on the per-GPU batch)."""
+    ibot_weight: float = 1.0
+    """Weight of iBOT's masked-patch loss (0 disables masking)."""
+    ibot_out_dim: int = 65536
+    """Prototypes of iBOT's own head (dinov2 ``ibot.separate_head=true``; the head is always separate here)."""
+    ibot_hidden_dim: int = 2048
+    ibot_bottleneck_dim: int = 256
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    """Range of the fraction of patches masked in a masked global crop (stratified over the crops of a batch)."""
+    mask_probability: float = 0.5
+    """Fraction of the global crops that are masked (the others only feed the DINO loss)."""
+    mask_min_patches: int = 4
+    """Smallest rectangle area (patches) of the block-wise mask generator."""
+    mask_max_fraction: float = 0.5
+    """Largest rectangle area as a fraction of the patches."""
+    mask_min_aspect: float = 0.3
+    """Rectangle aspect ratios are log-uniform in [min, 1/min]."""
+    layerwise_decay: float = 0.9
+    """Layer-wise learning-rate decay of the encoder: block i (of n) trains at decay^(n - i) of the rate, the patch
+    embedding, position embedding and class and mask tokens at decay^(n + 1), the final norm and the heads at the
+    full rate (dinov2 ``optim.layerwise_decay``; 1 disables)."""
+    patch_embed_lr_mult: float = 0.2
+    """Further factor on the patch embedding's learning rate (dinov2 ``optim.patch_embed_lr_mult``)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("method.dinov2.centering", self.centering, ("sinkhorn_knopp", "centering"))
+        lo, hi = self.mask_ratio
+        if not 0 <= lo <= hi < 1:
+            raise ConfigError(f"method.dinov2.mask_ratio must satisfy 0 <= min <= max < 1, got {self.mask_ratio}")
+        if not 0 <= self.mask_probability <= 1:
+            raise ConfigError(f"method.dinov2.mask_probability must be in [0, 1], got {self.mask_probability}")
+        if not 0 < self.mask_min_aspect <= 1:
+            raise ConfigError(f"method.dinov2.mask_min_aspect must be in (0, 1], got {self.mask_min_aspect}")
+        if not (0 < self.layerwise_decay <= 1 and self.patch_embed_lr_mult > 0):
+            raise ConfigError("method.dinov2.layerwise_decay must be in (0, 1] and patch_embed_lr_mult > 0, got "
+                              f"{self.layerwise_decay} and {self.patch_embed_lr_mult}")
+
+
+@dataclass
+class IJEPAConfig:
+    """I-JEPA (facebookresearch/ijepa); defaults from its ``configs/in1k_vith14_ep300.yaml``."""
+
+    num_targets: int = 4
+    """Target blocks per image, each predicted from the same context."""
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    """Area of each target block as a fraction of the patches (one size per batch)."""
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    """Aspect ratio (height / width) of the target blocks."""
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    """Area of the (square) context block, before the target patches are removed from it."""
+    min_keep: int = 10
+    """A context must keep more than this many patches (else it is drawn again)."""
+    allow_overlap: bool = False
+    """Let the context see target patches (the paper: false)."""
+    predictor_dim: int = 384
+    """Width of the narrow predictor transformer."""
+    predictor_depth: int = 12
+    predictor_heads: int = 0
+    """Attention heads of the predictor (0: the encoder's, as the reference)."""
+    momentum: float = 0.996
+    """EMA momentum of the target encoder at step 0; rises linearly to ``momentum_end`` (the reference's schedule)."""
+    momentum_end: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("target_scale", "context_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"method.ijepa.{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        if not 0 < self.target_aspect[0] <= self.target_aspect[1]:
+            raise ConfigError(f"method.ijepa.target_aspect must satisfy 0 < min <= max, got {self.target_aspect}")
+        if self.num_targets < 1:
+            raise ConfigError(f"method.ijepa.num_targets must be >= 1, got {self.num_targets}")
+
+
+# -- Pretext tasks: jigsaw puzzles and relative patch location (issue #15) ----------------------------------------
+
+
+@dataclass
+class JigsawConfig:
+    grid: int = 3
+    """Tiles per side: the view is cut into grid x grid cells, one tile from each (3: the paper's nine tiles). 2 or 3:
+    the permutation set is chosen from all (grid^2)! orders."""
+    tile_size: int = 64
+    """Side of each tile in pixels, cut from a cell of ``augment.image_size // grid`` pixels at a random offset, so
+    neighbouring tiles are separated by a random gap (the paper: 64 px tiles from the 85 px cells of a 255 px crop,
+    a 21 px gap on average). The encoder sees tiles at this size: a multiple of the model's patch size (the method
+    turns on ``model.dynamic_img_size`` unless it equals ``model.img_size``)."""
+    num_permutations: int = 1000
+    """Classes of the puzzle: how many tile orders, chosen for maximal Hamming distance (the paper's best transfer
+    came from 1000; VISSL's configs use 100 to 10k)."""
+    selection: str = "max_avg"
+    """How the permutation set is grown, greedily from one random order: ``max_avg`` adds the order with the largest
+    summed Hamming distance to those chosen (Noroozi & Favaro, Algorithm 1; VISSL's default), ``max_min`` the one
+    with the largest distance to its nearest chosen order (keeps the minimum distance high)."""
+    permutation_seed: int = 0
+    """Seed of the first, random order of the permutation set; the rest follows deterministically."""
+    channel_jitter: int = 2
+    """Each colour channel of each tile is shifted by its own 0..N pixels (the authors' countermeasure against
+    chromatic aberration, which otherwise tells a tile's distance from the lens centre); 0 disables."""
+    normalize_tiles: bool = True
+    """Normalise every tile to zero mean and unit standard deviation on its own, so low-level statistics shared by
+    neighbouring tiles do not give their positions away (the paper, Sec. 3.2)."""
+    tile_dim: int = 1024
+    """Width of the per-tile layer after the encoder (the authors' fc6) whose outputs are concatenated."""
+    hidden_dim: int = 4096
+    """Width of the layer on the concatenated tiles (the authors' fc7) before the permutation classifier."""
+    dropout: float = 0.5
+    """Dropout after the per-tile and the joint layer, as the authors' network."""
+
+    def __post_init__(self) -> None:
+        _check_choice("method.jigsaw.selection", self.selection, ("max_avg", "max_min"))
+        if self.grid not in (2, 3):
+            raise ConfigError(f"method.jigsaw.grid must be 2 or 3, got {self.grid}")
+        total = math.factorial(self.grid ** 2)
+        if not 2 <= self.num_permutations <= total:
+            raise ConfigError(f"method.jigsaw.num_permutations must be in [2, {total}] for a {self.grid}x{self.grid} "
+                              f"grid, got {self.num_permutations}")
+        if self.tile_size < 1 or self.channel_jitter < 0:
+            raise ConfigError("method.jigsaw.tile_size must be >= 1 and channel_jitter >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.jigsaw.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class RelativeLocationConfig:
+    patch_size: int = 96
+    """Side of each image patch in pixels (not the ViT's patch): Doersch et al. sample 96 px patches. A multiple of
+    the model's patch size (the method turns on ``model.dynamic_img_size`` unless it equals ``model.img_size``)."""
+    gap: int = 48
+    """Pixels between neighbouring patches of the 3x3 grid before jitter (the paper: half a patch), so a patch's
+    edges do not continue into its neighbour's."""
+    jitter: int = 7
+    """Each patch is moved by up to this many pixels along each axis (the paper: 7), so lines do not line up."""
+    all_neighbours: bool = False
+    """False: one neighbour per image, drawn from the 8, paired with the centre patch (the paper's task). True: the
+    centre patch paired with each of its 8 neighbours, 8 questions per image for 9 encoded patches."""
+    color_dropping: bool = True
+    """Keep one random colour channel of each patch and replace the other two with faint Gaussian noise (1/100 of
+    the kept channel's standard deviation), the paper's countermeasure against chromatic aberration."""
+    downsample_prob: float = 0.33
+    """Fraction of patches shrunk to as few as ``min_pixels`` pixels and enlarged back (bilinear), for robustness to
+    pixelation (the authors' code: a third of the patches, down to 100 pixels)."""
+    min_pixels: int = 100
+    normalize_patches: bool = True
+    """Normalise each patch on its own (zero mean, unit root mean square) so the gradient of brightness across
+    the image does not give positions away, as the authors' code."""
+    hidden_dim: int = 4096
+    """Width of the two layers on the concatenated pair (the authors' fc7 and fc8) before the 8-way classifier."""
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 1 or self.gap < 0 or self.jitter < 0:
+            raise ConfigError("method.relative_location.patch_size must be >= 1, gap and jitter >= 0")
+        if not 0.0 <= self.downsample_prob <= 1.0:
+            raise ConfigError(f"method.relative_location.downsample_prob must be in [0, 1], got {self.downsample_prob}")
+        if not 1 <= self.min_pixels <= self.patch_size ** 2:
+            raise ConfigError(f"method.relative_location.min_pixels must be in [1, patch_size^2], got {self.min_pixels}")
+
+
 @dataclass
 class MethodConfig:
     name: str = "simclr"
@@ -331,7 +547,7 @@ class MethodConfig:
     proj_dim: int = 128
     """Output width of the projection MLP."""
     sync_bn: bool = True
-    """BatchNorm in the heads (MoCo v3, BYOL, Barlow Twins, VICReg) normalises with the statistics of the global
+    """BatchNorm in the heads (SimCLR, MoCo v3, BYOL, Barlow Twins, VICReg) normalises with the statistics of the global
     batch, all ranks together, as the papers' SyncBatchNorm; false: each rank's own batch (cheaper, but the
     statistics then depend on the per-rank batch size)."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
@@ -343,6 +559,10 @@ class MethodConfig:
     dino: DINOConfig = field(default_factory=DINOConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     rotnet: RotNetConfig = field(default_factory=RotNetConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
+    jigsaw: JigsawConfig = field(default_factory=JigsawConfig)
+    relative_location: RelativeLocationConfig = field(default_factory=RelativeLocationConfig)
 
 
 @dataclass
@@ -398,11 +618,16 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     clip_grad_norm: float = 1.0
-    """Global gradient-norm clipping threshold (0 disables)."""
+    """Gradient-norm clipping threshold (0 disables)."""
+    clip_grad_mode: str = "global"
+    """``global``: scale all gradients together so their joint norm is at most ``clip_grad_norm`` (torch's
+    ``clip_grad_norm_``); ``per_param``: each parameter's gradient on its own norm, as DINO's
+    ``utils.clip_gradients`` (DDP and FSDP2; DeepSpeed clips globally only)."""
     accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
 
     def __post_init__(self) -> None:
+        _check_choice("optim.clip_grad_mode", self.clip_grad_mode, ("global", "per_param"))
         if self.accumulation_steps < 1:
             raise ConfigError(f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.lr <= 0:
@@ -464,14 +689,20 @@ class MetricsConfig:
 class EvalConfig:
     at_end: bool = True
     """Run kNN + linear probe after training when eval shards are given."""
-    knn_k: int = 20
+    knn_k: tuple[int, ...] = (10, 20, 100, 200)
+    """Neighbour counts the weighted kNN is scored at, each reported (dinov2 ``eval/knn.py``'s defaults)."""
     knn_temperature: float = 0.07
+    """Temperature of the kNN votes' softmax over neighbour similarities (dinov2, DINO: 0.07)."""
     probe_max_iter: int = 1000
     max_train_samples: int = 0
     """Cap on samples used to fit kNN/probe (0: all)."""
     batch_size: int = 256
     baselines: bool = True
     """Also score a randomly initialised encoder and raw pixels with the same protocol."""
+
+    def __post_init__(self) -> None:
+        if not self.knn_k or any(k < 1 for k in self.knn_k):
+            raise ConfigError(f"eval.knn_k must be a non-empty list of positive integers, got {list(self.knn_k)}")
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Frozen-feature evaluation: weighted kNN (as in DINO) and a linear probe (logistic regression), on labelled
-shards, for the pretrained encoder and, with the same protocol, a randomly initialised one and raw pixels."""
+"""Frozen-feature evaluation: weighted kNN for k in 10, 20, 100, 200 (as dinov2) and a linear probe (logistic
+regression), on labelled shards, for the pretrained encoder and, with the same protocol, a randomly initialised one
+and raw pixels."""
 
 from __future__ import annotations
 
@@ -35,19 +36,26 @@ def extract(fn, cfg: Config, shards: str | Path, env: DistEnv, device: torch.dev
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Cosine-similarity kNN with exp(sim / T) weighted votes (Wu et al. 2018; DINO)."""
+                 ks: tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
+                 chunk: int = 1024) -> dict[int, float]:
+    """Weighted kNN accuracy for each k, as dinov2 ``eval/knn.py`` (and DINO's ``eval_knn.py``, Wu et al. 2018):
+    cosine similarity to the training features, the top max(k) neighbours, each voting for its label with weight
+    softmax(sim / T) over those neighbours; the prediction for k sums the first k votes. (The softmax is exp(sim/T)
+    up to a per-query constant, so every k ranks classes as DINO's exp(sim/T) votes do.)"""
     tx = F.normalize(torch.from_numpy(train_x).float(), dim=1)
     ty = torch.from_numpy(train_y).long()
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    k = min(k, len(tx))
-    correct = 0
+    kmax = min(max(ks), len(tx))
+    correct = dict.fromkeys(ks, 0)
     for i in range(0, len(test_x), chunk):
         q = F.normalize(torch.from_numpy(test_x[i:i + chunk]).float(), dim=1)
-        sim, idx = (q @ tx.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes).scatter_add_(1, ty[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == torch.from_numpy(test_y[i:i + chunk])).sum().item()
-    return correct / len(test_x)
+        sim, idx = (q @ tx.T).topk(kmax, dim=1)
+        votes = F.one_hot(ty[idx], num_classes) * (sim / temperature).softmax(dim=1).unsqueeze(-1)  # B x kmax x C
+        cumulative = votes.cumsum(dim=1)
+        labels = torch.from_numpy(test_y[i:i + chunk])
+        for k in ks:
+            correct[k] += (cumulative[:, min(k, kmax) - 1].argmax(1) == labels).sum().item()
+    return {k: correct[k] / len(test_x) for k in ks}
 
 
 def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -70,22 +78,28 @@ def raw_pixels(views: torch.Tensor) -> torch.Tensor:
 
 
 def score(cfg: Config, fn, env: DistEnv, device: torch.device) -> dict[str, float] | None:
-    """kNN and linear-probe accuracy of feature function ``fn`` (rank 0 gets the result, others None)."""
+    """Linear-probe and kNN accuracy (one entry per k, ``knn_k{k}``) of feature function ``fn`` (rank 0 gets the
+    result, others None)."""
     e = cfg.eval
     train = extract(fn, cfg, cfg.data.eval_train_shards, env, device, e.max_train_samples)
     test = extract(fn, cfg, cfg.data.eval_test_shards, env, device)
     if train is None or test is None:
         return None
+    knn = knn_accuracy(*train, *test, ks=tuple(e.knn_k), temperature=e.knn_temperature)
     return {
-        "knn": knn_accuracy(*train, *test, k=e.knn_k, temperature=e.knn_temperature),
         "linear_probe": linear_probe_accuracy(*train, *test, max_iter=e.probe_max_iter),
+        **{f"knn_k{k}": acc for k, acc in knn.items()},
         "num_train": len(train[0]),
         "num_test": len(test[0]),
     }
 
 
 def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.device) -> dict | None:
-    """Score the encoder and, if ``eval.baselines``, a random-init encoder and raw pixels. Collective."""
+    """Score the encoder and, if ``eval.baselines``, a random-init encoder and raw pixels. Collective.
+
+    Rank 0 gets ``{metric: {encoder: accuracy}}`` for the metrics ``linear_probe`` and ``knn_k{k}`` (each k of
+    ``eval.knn_k``), encoders ``pretrained`` and, with baselines, ``random_init`` and ``raw_pixels``; plus
+    ``knn_temperature``, ``num_train`` and ``num_test``. Other ranks get None."""
     from pipeline.models import build_encoder
 
     def features(model):
@@ -105,8 +119,10 @@ def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.
     encoder.train(was_training)
     if not env.is_main:
         return None
-    return {metric: {name: r[metric] for name, r in results.items()} for metric in ("knn", "linear_probe")} | {
-        "num_train": results["pretrained"]["num_train"], "num_test": results["pretrained"]["num_test"]}
+    metrics = [m for m in results["pretrained"] if m not in ("num_train", "num_test")]
+    return {metric: {name: r[metric] for name, r in results.items()} for metric in metrics} | {
+        "knn_temperature": cfg.eval.knn_temperature, "num_train": results["pretrained"]["num_train"],
+        "num_test": results["pretrained"]["num_test"]}
 
 
 @torch.no_grad()

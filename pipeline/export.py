@@ -146,7 +146,9 @@ def model_config_of(path: str | Path) -> ModelConfig:
     kw = meta["timm_kwargs"]
     return ModelConfig(name=meta["architecture"], img_size=kw.get("img_size", 224), patch_size=kw.get("patch_size"),
                        embed_dim=kw.get("embed_dim"), depth=kw.get("depth"), num_heads=kw.get("num_heads"),
-                       dynamic_img_size=bool(kw.get("dynamic_img_size", False)))
+                       dynamic_img_size=bool(kw.get("dynamic_img_size", False)), global_pool=kw.get("global_pool"),
+                       class_token=kw.get("class_token", True), fc_norm=kw.get("fc_norm"),
+                       reg_tokens=kw.get("reg_tokens", 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

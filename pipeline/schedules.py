@@ -27,7 +27,8 @@ def cosine(total_steps: int, start: float, end: float) -> list[float]:
 
 class GroupSchedule(torch.optim.lr_scheduler.LRScheduler):
     """Sets every parameter group's learning rate and weight decay before each optimizer step, from per-step
-    lists: lr ``lrs[step]``, or 0 while ``step < group["frozen_steps"]`` (a group a method holds still, e.g.
+    lists: lr ``lrs[step]`` times the group's ``lr_scale`` (default 1; DINOv2's layer-wise decay), or 0 while
+    ``step < group["frozen_steps"]`` (a group a method holds still, e.g.
     DINO's last layer: AdamW with lr 0 changes neither the weights nor applies decay); weight decay
     ``wds[step]`` for groups created with a non-zero one, 0 for the others.
 
@@ -42,7 +43,8 @@ class GroupSchedule(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self) -> list[float]:
         s = min(self.last_epoch, len(self.lrs) - 1)
-        return [0.0 if s < g.get("frozen_steps", 0) else self.lrs[s] for g in self.optimizer.param_groups]
+        return [0.0 if s < g.get("frozen_steps", 0) else self.lrs[s] * g.get("lr_scale", 1.0)
+                for g in self.optimizer.param_groups]
 
     def step(self, epoch: int | None = None) -> None:
         super().step()

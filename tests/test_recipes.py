@@ -159,3 +159,16 @@ def test_eval_view_renders_the_same_pixels():
     view = build_recipe(CFG, "eval").views[0]
     t, d = render("torch", view, photo, 1), render("dali", view, photo, 1)
     assert np.median(np.abs(t - d)) < 0.02  # normalised units: same window, same scale, same normalisation
+
+
+@pytest.mark.parametrize("name, expected", [("simclr", (0.8, 0.8, 0.8, 0.2)), ("byol", (0.4, 0.4, 0.2, 0.1)),
+                                            ("dino", (0.4, 0.4, 0.2, 0.1))])
+def test_colour_jitter_of_each_reference(name, expected):
+    """At strength 1 each recipe jitters as its reference code: SimCLR ``get_color_distort(s=1)``; BYOL, and MoCo
+    v3, Barlow Twins, VICReg and DINO which copy it, ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` with p=0.8; the
+    strength scales the recipe's own values."""
+    for s in (1.0, 0.5):
+        for view in build_recipe(replace(CFG, jitter_strength=s), name).views:
+            assert (view.brightness, view.contrast, view.saturation, view.hue) == pytest.approx(
+                tuple(x * s for x in expected)), (name, s, view)
+            assert view.jitter_prob == 0.8 and view.grayscale_prob == 0.2

@@ -119,12 +119,12 @@ def test_two_process_run_evaluates_exports_and_logs(fmnist_shards, tmp_path):
     out = _run(tiny_overrides(fmnist_shards, run_dir, **{
         "train.steps": 8, "launcher.nprocs": 2, "eval.at_end": True, "metrics.tensorboard": True}))
     summary = json.loads((run_dir / "summary.json").read_text())
-    for metric in ("linear_probe", "knn"):
+    for metric in ("linear_probe", "knn_k10", "knn_k20", "knn_k100", "knn_k200"):
         assert set(summary[metric]) == {"pretrained", "random_init", "raw_pixels"}
         assert all(0.1 <= v <= 1.0 for v in summary[metric].values())  # 10 classes: chance is 0.1
     assert summary["world_size"] == 2 and summary["images_per_sec"] > 0
     assert Path(summary["checkpoint"]).name == "step_00000008"
-    assert "linear_probe" in out.stdout and "pretrained" in out.stdout  # the printed summary table
+    assert "linear_probe" in out.stdout and "pretrained" in out.stdout and "kNN k=200" in out.stdout  # the table
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6, 8]
     assert {"loss", "lr", "images_per_sec_per_process", "data_wait_fraction"} <= set(lines[0])

@@ -51,11 +51,20 @@ class Recipe:
     """Pass the caption through (CLIP)."""
 
 
-def _simclr_view(cfg: AugmentConfig, **overrides) -> ViewSpec:
-    s = cfg.jitter_strength
+SIMCLR_JITTER = (0.8, 0.8, 0.8, 0.2)
+"""Colour jitter (brightness, contrast, saturation, hue) at strength 1: SimCLR's ``get_color_distort(s=1.0)``
+(google-research/simclr ``data_util.py``)."""
+BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)
+"""BYOL's colour jitter, which MoCo v3 (``main_moco.py``), Barlow Twins and VICReg (``augmentations.py``) and DINO
+(``main_dino.py: DataAugmentationDINO``) copy: ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` at strength 1."""
+
+
+def _simclr_view(cfg: AugmentConfig, jitter: tuple[float, float, float, float] = SIMCLR_JITTER,
+                 **overrides) -> ViewSpec:
+    s = cfg.jitter_strength  # scales the recipe's own jitter
     view = ViewSpec(
         size=cfg.image_size, scale=tuple(cfg.crop_scale), flip_prob=0.5, jitter_prob=cfg.jitter_prob,
-        brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s),
+        brightness=jitter[0] * s, contrast=jitter[1] * s, saturation=jitter[2] * s, hue=min(0.5, jitter[3] * s),
         grayscale_prob=cfg.grayscale_prob, blur_prob=cfg.blur_prob, solarize_prob=cfg.solarize_prob,
         mean=tuple(cfg.mean), std=tuple(cfg.std),
     )
@@ -69,18 +78,25 @@ def simclr_recipe(cfg: AugmentConfig) -> Recipe:
 def byol_recipe(cfg: AugmentConfig) -> Recipe:
     """BYOL's asymmetric pair: view 1 always blurred, view 2 rarely blurred but sometimes solarized."""
     return Recipe("byol", (
-        _simclr_view(cfg, blur_prob=1.0, solarize_prob=0.0),
-        _simclr_view(cfg, blur_prob=0.1, solarize_prob=0.2),
+        _simclr_view(cfg, BYOL_JITTER, blur_prob=1.0, solarize_prob=0.0),
+        _simclr_view(cfg, BYOL_JITTER, blur_prob=0.1, solarize_prob=0.2),
     ))
 
 
 def dino_recipe(cfg: AugmentConfig) -> Recipe:
-    """DINO multi-crop: 2 global views (asymmetric like BYOL) + ``local_crops`` small views."""
+    """DINO multi-crop (main_dino.py ``DataAugmentationDINO``): 2 global views (asymmetric like BYOL) +
+    ``local_crops`` small views."""
     global_scale = tuple(cfg.crop_scale) if cfg.crop_scale != (0.08, 1.0) else (0.4, 1.0)
-    g1 = _simclr_view(cfg, scale=global_scale, blur_prob=1.0, solarize_prob=0.0)
-    g2 = _simclr_view(cfg, scale=global_scale, blur_prob=0.1, solarize_prob=0.2)
-    local = _simclr_view(cfg, size=cfg.local_crop_size, scale=tuple(cfg.local_crop_scale), blur_prob=0.5)
-    return Recipe("dino", (g1, g2) + (local,) * cfg.local_crops)
+    g1 = _simclr_view(cfg, BYOL_JITTER, scale=global_scale, blur_prob=1.0, solarize_prob=0.0)
+    g2 = _simclr_view(cfg, BYOL_JITTER, scale=global_scale, blur_prob=0.1, solarize_prob=0.2)
+    local = _simclr_view(cfg, BYOL_JITTER, size=cfg.local_crop_size, scale=tuple(cfg.local_crop_scale),
+                         blur_prob=0.5, solarize_prob=0.0)
+    return Recipe("dino", (g1, g2) + (local,) * dino_local_crops(cfg))
+
+
+def dino_local_crops(cfg: AugmentConfig) -> int:
+    """``augment.local_crops``, or DINO's default of 8 (main_dino.py ``--local_crops_number``) when unset."""
+    return 8 if cfg.local_crops is None else cfg.local_crops
 
 
 def clip_recipe(cfg: AugmentConfig) -> Recipe:
@@ -93,11 +109,26 @@ def mae_recipe(cfg: AugmentConfig) -> Recipe:
     return Recipe("mae", (view,))
 
 
+def ijepa_recipe(cfg: AugmentConfig) -> Recipe:
+    """I-JEPA: one random resized crop, nothing else (ijepa ``make_transforms`` as its configs run it: no flip, no
+    colour distortion, no blur); the masking does the work."""
+    view = ViewSpec(size=cfg.image_size, scale=tuple(cfg.crop_scale), mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return Recipe("ijepa", (view,))
+
+
 def single_recipe(cfg: AugmentConfig) -> Recipe:
     """One lightly augmented view (crop + flip): rotation prediction and supervised baselines."""
     view = ViewSpec(size=cfg.image_size, scale=tuple(cfg.crop_scale), flip_prob=0.5, mean=tuple(cfg.mean),
                     std=tuple(cfg.std))
     return Recipe("single", (view,))
+
+
+def jigsaw_recipe(cfg: AugmentConfig) -> Recipe:
+    """The view a jigsaw puzzle is cut from (the method tiles it on the device): crop + flip, and grayscale for
+    part of the images against chromatic aberration (the authors' code greys half of the puzzles, VISSL 2/3)."""
+    view = ViewSpec(size=cfg.image_size, scale=tuple(cfg.crop_scale), flip_prob=0.5, grayscale_prob=cfg.grayscale_prob,
+                    mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return Recipe("jigsaw", (view,))
 
 
 def eval_recipe(cfg: AugmentConfig) -> Recipe:
@@ -112,6 +143,8 @@ RECIPES: dict[str, Callable[[AugmentConfig], Recipe]] = {
     "clip": clip_recipe,
     "mae": mae_recipe,
     "single": single_recipe,
+    "ijepa": ijepa_recipe,
+    "jigsaw": jigsaw_recipe,
     "eval": eval_recipe,
 }
 

@@ -39,7 +39,7 @@ import tarfile
 import threading
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -457,7 +457,10 @@ def iter_eval_batches(cfg: Config, shards: Any, env: DistEnv, device: torch.devi
     per = -(-total // env.world_size)
     start, stop = env.rank * per, min(total, (env.rank + 1) * per)
     spans = plan_range(epoch_spans(source, 0, 0, shuffle=False), start, stop)
-    transform = SampleTransform(build_recipe(cfg.augment, "eval"), cfg.data.image_key, cfg.data.label_key,
+    # At the size the model is built for (what the export records), not the training views' size, which pretext
+    # tasks set larger (a jigsaw puzzle or patch grid is cut from them): every method is scored on the same images.
+    recipe = build_recipe(replace(cfg.augment, image_size=cfg.model.img_size), "eval")
+    transform = SampleTransform(recipe, cfg.data.image_key, cfg.data.label_key,
                                 cfg.data.text_key)
     policy = RetryPolicy(cfg.data.retries, cfg.data.retry_backoff_s)
     items, bad, example = [], 0, ""

@@ -80,26 +80,53 @@ class Engine:
 
         ``skip_nonfinite``: if the (rank-averaged, so identical everywhere) gradient norm is not finite, drop
         the update and return None. This reads the norm on the host: one sync per step."""
-        clip = self.cfg.optim.clip_grad_norm
+        o = self.cfg.optim
+        frozen = self.frozen_params()
+        for p in frozen:  # held groups: no gradient in the norm, the clipping or AdamW's moments
+            if p.grad is not None:
+                p.grad.zero_()
         params = [p for p in self.method.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
-        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2) give a DTensor norm
-            norm = norm.full_tensor()
+        if o.clip_grad_mode == "per_param" and o.clip_grad_norm > 0:
+            norm = clip_grad_norm_per_param_(params, o.clip_grad_norm)
+        else:
+            clip = o.clip_grad_norm if o.clip_grad_norm > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2) give a DTensor norm
+                norm = norm.full_tensor()
         if skip_nonfinite and not torch.isfinite(norm).item():
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
+        self._reset_optimizer_state(frozen)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def frozen_params(self) -> list[torch.Tensor]:
+        """Parameters of the groups a method holds still at this step (``frozen_steps``, DINO's last layer)."""
+        s = self.scheduler.last_epoch  # the step about to be taken (the schedule set its lr already)
+        return [p for g in self.optimizer.param_groups if s < g.get("frozen_steps", 0) for p in g["params"]]
+
+    @torch.no_grad()
+    def _reset_optimizer_state(self, params: list[torch.Tensor]) -> None:
+        """AdamW state of held parameters back to its initial zeros (step count included), so the first update
+        after the freeze is a fresh AdamW's, as when DINO's ``cancel_gradients_last_layer`` sets the gradient to
+        None and AdamW skips the parameter (facebookresearch/dino ``utils.py``). The state is kept rather than
+        deleted so that checkpoints of every step hold the same keys."""
+        for p in params:
+            for v in self.optimizer.state.get(p, {}).values():
+                if torch.is_tensor(v):
+                    v.zero_()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The schedule's learning rate at this step (groups with an ``lr_scale`` train at a multiple of it)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def resident_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The training state this rank holds, by kind: ``params`` (what the model computes with: this rank's
@@ -129,3 +156,24 @@ class Engine:
     def read_model_state(cls, path: Path, method: Method) -> dict[str, torch.Tensor]:
         """Full method state dict from a checkpoint folder, in one process without a process group (export)."""
         raise NotImplementedError
+
+
+@torch.no_grad()
+def clip_grad_norm_per_param_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """DINO's ``utils.clip_gradients`` (facebookresearch/dino): each parameter's gradient is scaled by
+    ``max_norm / (norm + 1e-6)`` when that is below 1, on its own norm rather than the global one. Returns the
+    global norm before clipping (what is logged). Sharded gradients (FSDP2 ``DTensor``, dim-0 shards of one mesh)
+    have their per-parameter squared norms summed over the mesh in one all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    local = [held_tensors(g)[0] for g in grads]  # FSDP2: this rank's shard, the gradient's own storage
+    sq = torch.stack([t.float().pow(2).sum() for t in local])
+    if hasattr(grads[0], "device_mesh"):
+        import torch.distributed as dist
+
+        dist.all_reduce(sq, group=grads[0].device_mesh.get_group())
+    norms = sq.sqrt()
+    for t, c in zip(local, (max_norm / (norms + 1e-6)).clamp(max=1.0)):
+        t.mul_(c.to(t.dtype))
+    return sq.sum().sqrt()

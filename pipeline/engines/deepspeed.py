@@ -180,6 +180,10 @@ class DeepSpeedEngine(Engine):
         if cfg.train.nan_policy == "skip" and self.dtype is None:
             raise ConfigError("train.nan_policy=skip with engine.name=deepspeed needs bf16 (DeepSpeed's "
                               "check_grad_overflow): in fp32 DeepSpeed's step cannot skip an update")
+        if cfg.optim.clip_grad_mode != "global" and cfg.optim.clip_grad_norm > 0:
+            raise ConfigError(f"optim.clip_grad_mode={cfg.optim.clip_grad_mode} with engine.name=deepspeed: "
+                              "DeepSpeed clips the global gradient norm inside its step; set "
+                              "optim.clip_grad_mode=global")
         self.ds = None
         self._skipped = 0
 

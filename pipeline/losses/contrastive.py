@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses.gather import gather_features, world
+from pipeline.losses.precision import fp32_loss
 
 
+@fp32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, local_loss: bool = False) -> torch.Tensor:
     """NT-Xent (SimCLR) over the global batch.
 
@@ -18,8 +20,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, local_
     """
     rank, _ = world()
     b = z1.shape[0]
-    if z1.dtype in (torch.float16, torch.bfloat16):  # the softmax over 2N keys wants fp32
-        z1, z2 = z1.float(), z2.float()
     z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
     k1, k2 = gather_features(z1), gather_features(z2)
     n = k1.shape[0]

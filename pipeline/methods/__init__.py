@@ -8,9 +8,13 @@ from pipeline.methods.base import Method
 from pipeline.methods.byol import BYOL
 from pipeline.methods.clip import CLIP
 from pipeline.methods.dino import DINO
+from pipeline.methods.dinov2 import DINOv2
+from pipeline.methods.ijepa import IJEPA
+from pipeline.methods.jigsaw import Jigsaw
 from pipeline.methods.mae import MAE
 from pipeline.methods.mocov3 import MoCoV3
 from pipeline.methods.redundancy import BarlowTwins, VICReg
+from pipeline.methods.relative_location import RelativeLocation
 from pipeline.methods.rotnet import RotNet
 from pipeline.methods.simclr import SimCLR
 from pipeline.models import sync_batchnorm
@@ -25,6 +29,12 @@ METHODS: dict[str, type[Method]] = {
     "dino": DINO,
     "mae": MAE,
     "rotnet": RotNet,
+    # objectives of today's strongest open encoders (issue #15)
+    "dinov2": DINOv2,
+    "ijepa": IJEPA,
+    # pretext tasks (issue #15)
+    "jigsaw": Jigsaw,
+    "relative_location": RelativeLocation,
 }
 
 

@@ -39,8 +39,23 @@ class Method(nn.Module):
 
     @staticmethod
     def make_teacher(online: nn.Module) -> nn.Module:
-        """A frozen copy of ``online`` (same initial weights): an EMA teacher, updated only in ``after_step``."""
+        """A frozen copy of ``online`` (same initial weights): an EMA teacher, updated only in ``after_step``.
+
+        The copy has no stochastic regularisation: stochastic depth (timm ``DropPath``) and dropout are set to
+        rate 0, so the teacher's targets (and DINO's centre) are a deterministic function of its weights, while
+        the student keeps ``model.drop_path_rate``. The references build their teachers that way:
+        facebookresearch/dino ``main_dino.py`` builds the student with ``drop_path_rate=args.drop_path_rate``
+        and the teacher without (rate 0); MoCo v3 and BYOL regularise neither network. Rates are zeroed in place
+        rather than the modules swapped for ``Identity``, so the teacher's module tree and state dict keys stay
+        the student's (engines shard both alike) and timm's fused attention still reads ``attn_drop.p``."""
+        from timm.layers import DropPath
+
         teacher = copy.deepcopy(online)
+        for m in teacher.modules():
+            if isinstance(m, DropPath):
+                m.drop_prob = 0.0
+            elif isinstance(m, nn.modules.dropout._DropoutNd):
+                m.p = 0.0
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher

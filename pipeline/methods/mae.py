@@ -12,22 +12,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.loader import Batch
 from pipeline.losses.ssl import mae_loss
 from pipeline.methods.base import Method
-
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (1 x H*W x dim), as MAE's decoder uses."""
-    if dim % 4:
-        raise ConfigError(f"method.mae.decoder_dim must be a multiple of 4, got {dim}")
-    h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                            indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def embed(pos: torch.Tensor) -> torch.Tensor:
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    return torch.cat([embed(xs), embed(ys)], dim=1).float().unsqueeze(0)
+from pipeline.models import init_vit_xavier, sincos_pos_embed_2d, use_fixed_pos_embed, vit_tokens, xavier_init_
 
 
 def random_masking(n: int, length: int, ratio: float, device: torch.device
@@ -51,6 +36,12 @@ class MAE(Method):
         enc, c = self.encoder, cfg.method.mae
         if not hasattr(enc, "patch_embed") or getattr(enc, "pos_embed", None) is None:
             raise ConfigError(f"MAE needs a ViT with absolute position embeddings, got {cfg.model.name}")
+        if c.decoder_dim % 4:
+            raise ConfigError(f"method.mae.decoder_dim must be a multiple of 4, got {c.decoder_dim}")
+        # As models_mae.py: the encoder's position embedding is the fixed 2-D sin-cos table (held as a buffer named
+        # pos_embed, so timm loads the export), and weights are xavier-initialised.
+        use_fixed_pos_embed(enc)
+        init_vit_xavier(enc, split_qkv=False, cls_std=0.02)
         self.mask_ratio, self.norm_pix = c.mask_ratio, c.norm_pix_loss
         self.patch_size = enc.patch_embed.patch_size[0]
         self.grid = tuple(enc.patch_embed.grid_size)
@@ -62,31 +53,12 @@ class MAE(Method):
             Block(c.decoder_dim, c.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(c.decoder_dim)
         self.decoder_pred = nn.Linear(c.decoder_dim, self.patch_size ** 2 * 3)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            xavier_init_(m)
 
     def encode_visible(self, imgs: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` with the masked patches dropped after the position embedding."""
-        enc = self.encoder
-        x = enc.patch_embed(imgs)
-        x = x.flatten(1, 2) if x.ndim == 4 else x  # dynamic_img_size gives B x H x W x D
-        npre = enc.num_prefix_tokens
-        pos = enc.pos_embed
-        patch_pos, prefix_pos = (pos, None) if enc.no_embed_class else (pos[:, npre:], pos[:, :npre])
-        if patch_pos.shape[1] != x.shape[1]:
-            raise ValueError(f"MAE: {x.shape[1]} patches but {patch_pos.shape[1]} position embeddings")
-        x = x + patch_pos
-        x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, enc.reg_token) if t is not None]
-        if prefix:
-            prefix = torch.cat(prefix, dim=1)
-            x = torch.cat([prefix if prefix_pos is None else prefix + prefix_pos, x], dim=1)
-        x = enc.norm_pre(enc.pos_drop(x))
-        if getattr(enc, "grad_checkpointing", False) and self.training:
-            from timm.models._manipulate import checkpoint_seq
-
-            x = checkpoint_seq(enc.blocks, x)
-        else:
-            x = enc.blocks(x)
-        return enc.norm(x)
+        return vit_tokens(self.encoder, imgs, keep=keep_idx)
 
     def decode(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         npre = self.encoder.num_prefix_tokens

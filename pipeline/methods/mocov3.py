@@ -1,5 +1,8 @@
 """MoCo v3 (Chen, Xie & He 2021): a query encoder with projector and predictor, a momentum key encoder (EMA,
-cosine momentum schedule), and a symmetrised InfoNCE whose keys are gathered from every rank."""
+cosine momentum schedule), and a symmetrised InfoNCE whose keys are gathered from every rank. ViT encoders get
+MoCo v3's ViT recipe (facebookresearch/moco-v3 ``vits.py``, ``builder.py``, CONFIG.md): fixed 2-D sin-cos
+position embedding, xavier init, a frozen random patch projection (``--stop-grad-conv1``) and a predictor ending in
+BatchNorm without affine."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pipeline.config import Config
 from pipeline.data.loader import Batch
 from pipeline.losses.ssl import moco_infonce
 from pipeline.methods.base import Method
-from pipeline.models import ema_update, mlp
+from pipeline.models import ema_update, freeze_as_buffer, init_vit_xavier, mlp, use_fixed_pos_embed
 
 
 class MoCoV3(Method):
@@ -19,9 +22,19 @@ class MoCoV3(Method):
         super().__init__(cfg)
         m, c = cfg.method, cfg.method.mocov3
         self.temperature, self.base_momentum = c.temperature, c.momentum
+        enc = self.encoder
+        vit = hasattr(enc, "patch_embed") and getattr(enc, "pos_embed", None) is not None
+        if vit:  # VisionTransformerMoCo (moco-v3 vits.py): fixed 2-D sin-cos positions, xavier init
+            use_fixed_pos_embed(enc)
+            init_vit_xavier(enc, split_qkv=True, cls_std=1e-6)
+            if c.stop_grad_conv1:  # --stop-grad-conv1: the random patch projection never trains
+                freeze_as_buffer(enc.patch_embed.proj, "weight")
+                if enc.patch_embed.proj.bias is not None:
+                    freeze_as_buffer(enc.patch_embed.proj, "bias")
         self.projector = mlp(self.embed_dim, m.proj_hidden_dim, m.proj_dim, num_layers=c.proj_layers, norm="bn",
                              last_norm=True)
-        self.predictor = mlp(m.proj_dim, c.pred_hidden_dim, m.proj_dim, num_layers=2, norm="bn")
+        # builder.py MoCo_ViT: the predictor ends in BatchNorm without affine too (MoCo_ResNet's does not)
+        self.predictor = mlp(m.proj_dim, c.pred_hidden_dim, m.proj_dim, num_layers=2, norm="bn", last_norm=vit)
         self.momentum_encoder = self.make_teacher(self.encoder)
         self.momentum_projector = self.make_teacher(self.projector)
 

@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al. 2020): two augmented views, projection MLP, NT-Xent over the global batch."""
+"""SimCLR (Chen et al. 2020): two augmented views, projection MLP with BatchNorm, NT-Xent over the global batch."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ class SimCLR(Method):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         m = cfg.method
-        self.projector = mlp(self.embed_dim, m.proj_hidden_dim, m.proj_dim)
+        # SimCLR normalises every head layer (google-research/simclr model_util.py: projection_head, BN on each
+        # linear layer, the last without ReLU): global BatchNorm like the other methods' heads (method.sync_bn).
+        self.projector = mlp(self.embed_dim, m.proj_hidden_dim, m.proj_dim, num_layers=m.simclr.proj_layers,
+                             norm="bn", last_norm=True)
         self.temperature, self.local_loss = m.simclr.temperature, m.simclr.local_loss
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

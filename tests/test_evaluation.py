@@ -1,0 +1,55 @@
+"""The evaluation protocol: weighted kNN per k as dinov2 ``eval/knn.py`` computes it, and the printed summary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluation import knn_accuracy
+
+
+def _dinov2_knn(train_x, train_y, test_x, test_y, ks, t):
+    """dinov2 eval/knn.py, one query at a time: softmax(top-max(k) similarities / T) weights, one-hot labels,
+    the first k summed per class."""
+    tx = torch.nn.functional.normalize(torch.from_numpy(train_x), dim=1)
+    out = dict.fromkeys(ks, 0)
+    for x, y in zip(test_x, test_y):
+        q = torch.nn.functional.normalize(torch.from_numpy(x), dim=0)
+        sims, idx = (tx @ q).topk(max(ks))
+        weights = (sims / t).softmax(0)
+        for k in ks:
+            votes = np.zeros(10)
+            for w, j in zip(weights[:k], idx[:k]):
+                votes[train_y[j]] += w.item()
+            out[k] += int(votes.argmax() == y)
+    return {k: v / len(test_y) for k, v in out.items()}
+
+
+def test_knn_per_k_matches_dinov2():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 16))
+    train_y, test_y = rng.integers(0, 10, 400), rng.integers(0, 10, 100)
+    train_x = (centres[train_y] + 1.5 * rng.normal(size=(400, 16))).astype(np.float32)
+    test_x = (centres[test_y] + 1.5 * rng.normal(size=(100, 16))).astype(np.float32)
+    ks = (1, 10, 20, 100, 200)
+    got = knn_accuracy(train_x, train_y, test_x, test_y, ks=ks, temperature=0.07, chunk=32)
+    assert got == pytest.approx(_dinov2_knn(train_x, train_y, test_x, test_y, ks, 0.07))
+    assert set(got) == set(ks) and len(set(got.values())) > 1  # k matters on this data
+
+
+def test_summary_prints_every_k(tmp_path, capsys):
+    from pipeline.cli import print_summary
+
+    row = {"pretrained": 0.9, "random_init": 0.7, "raw_pixels": 0.8}
+    summary = {"linear_probe": row, **{f"knn_k{k}": row for k in (10, 20, 100, 200)}, "knn_temperature": 0.07,
+               "num_train": 100, "num_test": 50, "steps": 3}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    print_summary(path)
+    out = capsys.readouterr().out
+    for k in (10, 20, 100, 200):
+        assert f"kNN k={k}" in out
+    assert "linear_probe" in out and "90.0%" in out and "T=0.07" in out
