@@ -8,9 +8,25 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.loader import Batch
 from pipeline.models import build_encoder, no_weight_decay_names
+
+
+def encode_at_size(cfg: Config, size: int) -> None:
+    """A method that feeds the encoder inputs of ``size`` px other than ``model.img_size`` (DINO's local crops,
+    jigsaw tiles, context-prediction patches) needs interpolated position embeddings, as the reference ViTs always
+    do: turn on ``model.dynamic_img_size``. The config records it, so the export says so too."""
+    if size != cfg.model.img_size and not cfg.model.dynamic_img_size:
+        cfg.model.dynamic_img_size = True
+
+
+def check_patch_multiple(encoder: nn.Module, size: int, key: str) -> None:
+    """``size`` px inputs must tile into the encoder's patches, or its patch embedding drops their last pixels."""
+    patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", (1, 1))
+    if size % patch[0] or size % patch[1]:
+        raise ConfigError(f"{key}={size} must be a multiple of the model's patch size {tuple(patch)}, or the "
+                          "encoder would drop the last pixels of each input")
 
 
 class Method(nn.Module):

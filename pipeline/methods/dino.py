@@ -12,7 +12,7 @@ from pipeline.config import Config
 from pipeline.data.loader import Batch
 from pipeline.data.recipes import dino_local_crops
 from pipeline.losses.ssl import dino_batch_center, dino_loss
-from pipeline.methods.base import Method
+from pipeline.methods.base import Method, encode_at_size
 from pipeline.models import ema_update, mlp
 
 
@@ -51,10 +51,8 @@ class DINO(Method):
 
     def __init__(self, cfg: Config) -> None:
         a = cfg.augment
-        if dino_local_crops(a) and a.local_crop_size != cfg.model.img_size and not cfg.model.dynamic_img_size:
-            # Local crops are smaller than the model's input: position embeddings must be interpolated, as the
-            # reference ViT always does. The config records it, so the export (config.json) says so too.
-            cfg.model.dynamic_img_size = True
+        if dino_local_crops(a):
+            encode_at_size(cfg, a.local_crop_size)  # local crops smaller than the model's input
         super().__init__(cfg)
         c = self.dcfg = cfg.method.dino
         self.head = DINOHead(self.embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.norm_last_layer)

@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.loader import Batch
-from pipeline.methods.base import Method
+from pipeline.methods.base import Method, check_patch_multiple, encode_at_size
 
 
 def all_permutations(n: int) -> np.ndarray:
@@ -113,15 +113,9 @@ class Jigsaw(Method):
             raise ConfigError(f"method.jigsaw: a {view} px view gives {self.cell} px cells, too small for "
                               f"{c.tile_size} px tiles plus {c.channel_jitter} px channel jitter; raise "
                               f"augment.image_size to at least {c.grid * (c.tile_size + c.channel_jitter)}")
-        if c.tile_size != cfg.model.img_size and not cfg.model.dynamic_img_size:
-            # Tiles are smaller than the model's input: position embeddings must be interpolated (as DINO's local
-            # crops). The config records it, so the export (config.json) says so too.
-            cfg.model.dynamic_img_size = True
+        encode_at_size(cfg, c.tile_size)  # tiles smaller than the model's input
         super().__init__(cfg)
-        patch = getattr(getattr(self.encoder, "patch_embed", None), "patch_size", (1, 1))
-        if c.tile_size % patch[0] or c.tile_size % patch[1]:
-            raise ConfigError(f"method.jigsaw.tile_size={c.tile_size} must be a multiple of the model's patch size "
-                              f"{tuple(patch)}, or the encoder would drop the tiles' last pixels")
+        check_patch_multiple(self.encoder, c.tile_size, "method.jigsaw.tile_size")
         self.tiles = c.grid ** 2
         # A buffer, so checkpoints carry the set the classifier's rows refer to (a copy: load_state_dict writes
         # into buffers in place, which must not reach the cached set).

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.loader import Batch
-from pipeline.methods.base import Method
+from pipeline.methods.base import Method, check_patch_multiple, encode_at_size
 from pipeline.methods.jigsaw import crop_at
 from pipeline.models import mlp
 
@@ -88,15 +88,9 @@ class RelativeLocation(Method):
             raise ConfigError(f"method.relative_location: a 3x3 grid of {c.patch_size} px patches {c.gap} px apart, "
                               f"jittered by up to {c.jitter} px, needs augment.image_size >= {span + 2 * c.jitter}, "
                               f"got {cfg.augment.image_size}")
-        if c.patch_size != cfg.model.img_size and not cfg.model.dynamic_img_size:
-            # Patches are smaller than the model's input: position embeddings must be interpolated (as DINO's local
-            # crops). The config records it, so the export (config.json) says so too.
-            cfg.model.dynamic_img_size = True
+        encode_at_size(cfg, c.patch_size)  # patches smaller than the model's input
         super().__init__(cfg)
-        patch = getattr(getattr(self.encoder, "patch_embed", None), "patch_size", (1, 1))
-        if c.patch_size % patch[0] or c.patch_size % patch[1]:
-            raise ConfigError(f"method.relative_location.patch_size={c.patch_size} must be a multiple of the model's "
-                              f"patch size {tuple(patch)}, or the encoder would drop the patches' last pixels")
+        check_patch_multiple(self.encoder, c.patch_size, "method.relative_location.patch_size")
         self.register_buffer("neighbours", NEIGHBOURS.clone(), persistent=False)
         # The authors' fc7 and fc8 (4096 each) then fc9 to 8 classes, on [centre, neighbour]. (Their fc6/fc7 have
         # BatchNorm; here the pair head has none, so its output does not depend on how a batch is split over ranks.)
