@@ -15,6 +15,7 @@ from pipeline.bench import scaling as S
 from pipeline.bench.flops import count_step_flops, table_peak_flops, vit_forward_flops
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.methods import METHODS
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "model.img_size=32",
         "augment.image_size=32", "method.proj_hidden_dim=64", "method.proj_dim=32", "loader.batch_size=4",
@@ -61,6 +62,14 @@ def test_accumulation_multiplies_step_flops():
     two = count_step_flops(load_config(None, TINY + ["optim.accumulation_steps=2"]))
     assert two["step_flops"] == pytest.approx(2 * one["step_flops"])
     assert two["flops_per_image"] == pytest.approx(one["flops_per_image"])
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if not n.endswith("_test")])
+def test_every_method_step_flops_count_on_meta(name):
+    """bench model's MFU counts a step of any method on the meta device: the losses' autocast guard and the
+    methods' own tensors must work there (the fp32 loss wrapper once asked autocast about ``meta`` and failed)."""
+    flops = count_step_flops(load_config(f"configs/{name}.yaml", ["loader.batch_size=4"]))
+    assert flops["step_flops"] > flops["forward_flops"] > 0 and flops["backward_flops"] > 0, flops
 
 
 def test_peak_flops_table():

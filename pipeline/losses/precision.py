@@ -46,7 +46,9 @@ def fp32_loss(fn: F) -> F:
             _device_types(a, devices)
         with contextlib.ExitStack() as stack:
             for device in sorted(devices):
-                stack.enter_context(torch.autocast(device, enabled=False))
+                # no autocast to leave on devices without one (``meta``: the FLOP counter of bench model and MFU)
+                if torch.amp.is_autocast_available(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
             return fn(*_to_fp32(args), **{k: _to_fp32(v) for k, v in kwargs.items()})
 
     return wrapper  # type: ignore[return-value]

@@ -91,7 +91,8 @@ class RelativeLocation(Method):
         encode_at_size(cfg, c.patch_size)  # patches smaller than the model's input
         super().__init__(cfg)
         check_patch_multiple(self.encoder, c.patch_size, "method.relative_location.patch_size")
-        self.register_buffer("neighbours", NEIGHBOURS.clone(), persistent=False)
+        # built by a factory, so a surrounding torch.device (the meta device of the FLOP counter) places it
+        self.register_buffer("neighbours", torch.tensor(NEIGHBOURS.tolist()), persistent=False)
         # The authors' fc7 and fc8 (4096 each) then fc9 to 8 classes, on [centre, neighbour]. (Their fc6/fc7 have
         # BatchNorm; here the pair head has none, so its output does not depend on how a batch is split over ranks.)
         self.head = mlp(2 * self.embed_dim, c.hidden_dim, 8, num_layers=3)
