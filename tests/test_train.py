@@ -133,6 +133,7 @@ def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, 
     model = timm.create_model(meta["architecture"], pretrained=False, **meta["timm_kwargs"])
     model.load_state_dict(load_file(tmp_path / "run" / "export" / "model.safetensors"), strict=True)
     model.eval()
+    assert model.global_pool == cfg.model.global_pool == "avg"  # the quickstart's mean pooling travels with the export
 
     method = build_method(cfg)
     method.load_state_dict(DDPEngine.read_model_state(tmp_path / "run" / "checkpoints" / "latest", method))
