@@ -128,7 +128,7 @@ def write_table(results: dict, path: Path) -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | `{r['overrides']}` | {r['seed']} | {r['step']} | {r['images']} | " +
                      " | ".join(f"{r[m] * 100:.1f}" for m in METRICS) +
-                     f" | {r['train_s_full_run'] or '-'} | {r['eval_s']} |")
+                     f" | {r['train_s_full_run'] or '-'} | {r['eval_s'] or '-'} |")
     b = results.get("baselines")
     if b:
         for name in ("raw_pixels", "random_init"):
