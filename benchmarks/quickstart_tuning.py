@@ -10,8 +10,9 @@ unless overridden: NT-Xent and the head BatchNorm see the same global batch as t
 checkpoint named by ``--eval-at`` is scored with the quickstart's evaluation (``eval.max_train_samples`` of the
 train split to fit, the whole test split to score). The learning-rate schedule spans ``--steps``, so an early point
 of a long run is not a short run: runs are compared at equal steps. Results accumulate in ``results.json`` (rows
-keyed by variant, seed, step; rerunning a row replaces it) and ``results.md``; ``--plot`` draws accuracy against
-steps for the variants in ``--plot`` into ``curve.png``. Needs ``make data`` (data/fashion-mnist).
+keyed by variant, seed, step; rerunning a row replaces it) and ``results.md`` (below the hand-written ``notes.md``
+of the same folder, if any); ``--plot`` draws accuracy against steps for the variants in ``--plot`` into
+``curve.png``. Needs ``make data`` (data/fashion-mnist).
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def run_variant(name: str, overrides: list[str], seed: int, steps: int, eval_at:
     ])
     t0 = time.perf_counter()
     summary = train(cfg)
-    train_s = time.perf_counter() - t0
+    score_checkpoints(cfg, name, seed, overrides, eval_at, out, results, baselines,
+                      train_s=time.perf_counter() - t0, final_loss=summary.get("final_loss"))
+
+
+def score_checkpoints(cfg, name: str, seed: int, overrides: list[str], eval_at: list[int], out: Path, results: dict,
+                      baselines: bool, train_s: float | None, final_loss: float | None) -> None:
+    """Score the checkpoints ``eval_at`` of the run ``cfg.run.dir`` in this process, one row each."""
     env, device = DistEnv(), torch.device("cpu")
     for step in eval_at:
         key = f"{name}|{seed}|{step}"
@@ -62,8 +69,9 @@ def run_variant(name: str, overrides: list[str], seed: int, steps: int, eval_at:
         t1 = time.perf_counter()
         scores = evaluate(cfg, method.encoder, env, device)
         row = {"variant": name, "seed": seed, "step": step, "overrides": " ".join(overrides),
-               "images": step * cfg.loader.batch_size, "train_s_full_run": round(train_s, 1),
-               "eval_s": round(time.perf_counter() - t1, 1), "final_loss": summary.get("final_loss")}
+               "images": step * cfg.loader.batch_size * cfg.launcher.nprocs,
+               "train_s_full_run": None if train_s is None else round(train_s, 1),
+               "eval_s": round(time.perf_counter() - t1, 1), "final_loss": final_loss}
         row |= {m: scores[m]["pretrained"] for m in METRICS}
         results[key] = row
         if need_baselines:
@@ -71,6 +79,7 @@ def run_variant(name: str, overrides: list[str], seed: int, steps: int, eval_at:
             results["baselines"]["fit_on"] = scores["num_train"]
             results["baselines"]["scored_on"] = scores["num_test"]
         print(key, {m: round(row[m], 4) for m in METRICS}, flush=True)
+        save(out / "results.json", results)  # each point as it is scored: a long run stopped early keeps its curve
 
 
 def _has_baselines(results_file: Path) -> bool:
@@ -108,15 +117,18 @@ def save(results_file: Path, new: dict) -> dict:
 def write_table(results: dict, path: Path) -> None:
     rows = [r for k, r in results.items() if k not in ("baselines", "commands")]
     rows.sort(key=lambda r: (r["variant"], r["step"], r["seed"]))
-    lines = ["# Quickstart tuning: variants of configs/quickstart.yaml, frozen-encoder accuracy on Fashion-MNIST", "",
-             "Commands that produced these rows:", ""]
+    lines = ["# Quickstart tuning: variants of configs/quickstart.yaml, frozen-encoder accuracy on Fashion-MNIST", ""]
+    notes = path.with_name("notes.md")  # hand-written findings, kept above the generated table
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    lines += ["Commands that produced these rows:", ""]
     lines += [f"    {c}" for c in results.get("commands", [])]
     lines += ["", ("| variant | overrides | seed | step | images | linear probe | kNN k=10 | kNN k=20 | kNN k=100 | "
               "kNN k=200 | run s | eval s |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['variant']} | `{r['overrides']}` | {r['seed']} | {r['step']} | {r['images']} | " +
                      " | ".join(f"{r[m] * 100:.1f}" for m in METRICS) +
-                     f" | {r['train_s_full_run']} | {r['eval_s']} |")
+                     f" | {r['train_s_full_run'] or '-'} | {r['eval_s'] or '-'} |")
     b = results.get("baselines")
     if b:
         for name in ("raw_pixels", "random_init"):
@@ -163,6 +175,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the run is one process)")
     ap.add_argument("--no-baselines", action="store_true", help="leave the baselines to another process")
     ap.add_argument("--plot", default="", help="comma-separated variants to draw into curve.png")
+    ap.add_argument("--score-run", default="", help="NAME=RUN_DIR: score the checkpoints --eval-at of a finished run "
+                    "(e.g. runs/quickstart of `make quickstart`) with its own config, rows under NAME")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +194,11 @@ def main() -> int:
             run_variant(name, overrides.split(), seed, args.steps, eval_at, out, args.preset, mine, args.threads,
                         not args.no_baselines)
             results = save(results_file, mine)
+    if args.score_run:
+        name, _, run_dir = args.score_run.partition("=")
+        cfg = load_config(Path(run_dir) / "config.yaml", [f"train.threads={args.threads}"])
+        mine = {"commands": [" ".join(["PYTHONPATH=$PWD python"] + [shlex.quote(a) for a in sys.argv])]}
+        score_checkpoints(cfg, name, cfg.run.seed, [], eval_at, out, mine, not args.no_baselines, None, None)
     results = save(results_file, {})
     if args.plot:
         plot(results, args.plot.split(","), out / "curve.png")

@@ -4,6 +4,7 @@ and raw pixels."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +18,26 @@ from pipeline.distributed import DistEnv
 
 
 @torch.no_grad()
-def extract(fn, cfg: Config, shards: str | Path, env: DistEnv, device: torch.device,
-            max_samples: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
-    """Apply ``fn`` to every eval batch of this rank's part; gathered to rank 0 (None on other ranks)."""
-    feats, labels = [], []
+def extract(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], cfg: Config, shards: str | Path, env: DistEnv,
+            device: torch.device, max_samples: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Features of every function in ``fns`` for the labelled ``shards``, in one pass over them (each rank reads
+    its part); every rank gets all of them, in rank order: {name: (features, labels)}."""
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in fns}
+    labels = []
     for batch in iter_eval_batches(cfg, shards, env, device, max_samples):
-        feats.append(fn(batch.views[0]).float().cpu())
+        for name, fn in fns.items():
+            feats[name].append(fn(batch.views[0]).float().cpu())
         labels.append(batch.labels.cpu())
-    local = (torch.cat(feats).numpy(), torch.cat(labels).numpy()) if feats else None
+    local = ({n: torch.cat(f).numpy() for n, f in feats.items()}, torch.cat(labels).numpy()) if labels else None
+    parts = [local]
     if env.world_size > 1 and dist.is_initialized():
-        parts: list = [None] * env.world_size
+        parts = [None] * env.world_size
         dist.all_gather_object(parts, local)
-        if not env.is_main:
-            return None
-        parts = [p for p in parts if p is not None]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    return local
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise ValueError(f"{shards}: no labelled samples to evaluate on")
+    y = np.concatenate([p[1] for p in parts])
+    return {name: (np.concatenate([p[0][name] for p in parts]), y) for name in fns}
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -77,21 +82,13 @@ def raw_pixels(views: torch.Tensor) -> torch.Tensor:
     return views.flatten(1)
 
 
-def score(cfg: Config, fn, env: DistEnv, device: torch.device) -> dict[str, float] | None:
-    """Linear-probe and kNN accuracy (one entry per k, ``knn_k{k}``) of feature function ``fn`` (rank 0 gets the
-    result, others None)."""
+def score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], cfg: Config) -> dict[str, float]:
+    """Linear-probe and kNN accuracy (one entry per k, ``knn_k{k}``) of features fitted on ``train``, scored on
+    ``test``."""
     e = cfg.eval
-    train = extract(fn, cfg, cfg.data.eval_train_shards, env, device, e.max_train_samples)
-    test = extract(fn, cfg, cfg.data.eval_test_shards, env, device)
-    if train is None or test is None:
-        return None
     knn = knn_accuracy(*train, *test, ks=tuple(e.knn_k), temperature=e.knn_temperature)
-    return {
-        "linear_probe": linear_probe_accuracy(*train, *test, max_iter=e.probe_max_iter),
-        **{f"knn_k{k}": acc for k, acc in knn.items()},
-        "num_train": len(train[0]),
-        "num_test": len(test[0]),
-    }
+    return {"linear_probe": linear_probe_accuracy(*train, *test, max_iter=e.probe_max_iter),
+            **{f"knn_k{k}": acc for k, acc in knn.items()}}
 
 
 def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.device) -> dict | None:
@@ -99,30 +96,35 @@ def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.
 
     Rank 0 gets ``{metric: {encoder: accuracy}}`` for the metrics ``linear_probe`` and ``knn_k{k}`` (each k of
     ``eval.knn_k``), encoders ``pretrained`` and, with baselines, ``random_init`` and ``raw_pixels``; plus
-    ``knn_temperature``, ``num_train`` and ``num_test``. Other ranks get None."""
+    ``knn_temperature``, ``num_train`` and ``num_test``. Other ranks get None. The shards are read once for all
+    encoders, and with several ranks each rank fits the probes of its share of the encoders."""
     from pipeline.models import build_encoder
-
-    def features(model):
-        def fn(x):
-            return model(x)
-        return fn
 
     was_training = encoder.training
     encoder.eval()
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"pretrained": encoder}
+    if cfg.eval.baselines:
+        torch.manual_seed(cfg.run.seed + 12345)
+        fns["random_init"] = build_encoder(cfg.model).to(device).eval()
+        fns["raw_pixels"] = raw_pixels
     with torch.no_grad():
-        results = {"pretrained": score(cfg, features(encoder), env, device)}
-        if cfg.eval.baselines:
-            torch.manual_seed(cfg.run.seed + 12345)
-            random_encoder = build_encoder(cfg.model).to(device).eval()
-            results["random_init"] = score(cfg, features(random_encoder), env, device)
-            results["raw_pixels"] = score(cfg, raw_pixels, env, device)
+        train = extract(fns, cfg, cfg.data.eval_train_shards, env, device, cfg.eval.max_train_samples)
+        test = extract(fns, cfg, cfg.data.eval_test_shards, env, device)
     encoder.train(was_training)
+    distributed = env.world_size > 1 and dist.is_initialized()
+    names = list(fns)
+    mine = {n: score(train[n], test[n], cfg) for n in (names[env.rank::env.world_size] if distributed else names)}
+    if distributed:
+        parts: list = [None] * env.world_size
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for p in parts for k, v in p.items()}
     if not env.is_main:
         return None
-    metrics = [m for m in results["pretrained"] if m not in ("num_train", "num_test")]
+    results = {n: mine[n] for n in names}
+    metrics = list(results["pretrained"])
     return {metric: {name: r[metric] for name, r in results.items()} for metric in metrics} | {
-        "knn_temperature": cfg.eval.knn_temperature, "num_train": results["pretrained"]["num_train"],
-        "num_test": results["pretrained"]["num_test"]}
+        "knn_temperature": cfg.eval.knn_temperature, "num_train": len(train["pretrained"][1]),
+        "num_test": len(test["pretrained"][1])}
 
 
 @torch.no_grad()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.distributed import DistEnv
 from pipeline.evaluation import knn_accuracy
+from tests.multirank import run_ranks
 
 
 def _dinov2_knn(train_x, train_y, test_x, test_y, ks, t):
@@ -53,3 +56,35 @@ def test_summary_prints_every_k(tmp_path, capsys):
     for k in (10, 20, 100, 200):
         assert f"kNN k={k}" in out
     assert "linear_probe" in out and "90.0%" in out and "T=0.07" in out
+
+
+def _evaluate_on_rank(shards: dict, world: int) -> dict | None:
+    from pipeline.config import load_config
+    from pipeline.distributed import read_dist_env
+    from pipeline.evaluation import evaluate
+    from pipeline.models import build_encoder
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(shards, Path("/tmp/unused")))
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model)
+    return evaluate(cfg, encoder, read_dist_env() if world > 1 else DistEnv(), torch.device("cpu"))
+
+
+@pytest.mark.multirank
+def test_evaluate_one_process_and_two_ranks_agree(fmnist_shards):
+    """evaluate() reads the shards once for all three encoders; on 2 ranks each rank reads half and fits the probes
+    of its share of the encoders: the same figures as one process, on rank 0 only."""
+    single = _evaluate_on_rank(fmnist_shards, 1)
+    assert list(single) == ["linear_probe", "knn_k10", "knn_k20", "knn_k100", "knn_k200", "knn_temperature",
+                            "num_train", "num_test"]
+    assert (single["num_train"], single["num_test"]) == (2048, 512)
+    for metric in ("linear_probe", "knn_k20"):
+        assert list(single[metric]) == ["pretrained", "random_init", "raw_pixels"]
+        assert all(0.1 < v <= 1.0 for v in single[metric].values())
+    ranks = run_ranks(_evaluate_on_rank, fmnist_shards, 2)
+    assert ranks[1] is None
+    for metric, row in single.items():
+        if isinstance(row, dict):
+            for name, value in row.items():
+                assert ranks[0][metric][name] == pytest.approx(value, abs=0.01), (metric, name)

@@ -168,6 +168,7 @@ def test_export_loads_into_timm_strictly_with_identical_features(fmnist_shards, 
     train(cfg)
     model = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)  # loads strictly
     model.eval()
+    assert model.global_pool == cfg.model.global_pool == "avg"  # the quickstart's mean pooling travels with the export
 
     method = build_method(cfg)
     method.load_state_dict(DDPEngine.read_model_state(tmp_path / "run" / "checkpoints" / "latest", method))
