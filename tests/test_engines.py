@@ -171,8 +171,12 @@ def _inspect(cfg, ckpt: Path, port: int) -> dict:
         if engine.dtype is None:  # fp32: what the engine's own model computes
             hook = method.encoder.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
             x = _probe_images()
+            # the probe runs in train mode, which moves BatchNorm running statistics: put back what was loaded
+            loaded = {n: b.detach().clone() for n, b in method.named_buffers()}
             with torch.no_grad():
                 engine.model(Batch([x, x]))
+                for n, b in method.named_buffers():
+                    b.copy_(loaded[n])
             hook.remove()
         state = engine.method_state_dict()
         teacher = hasattr(method, "teacher")

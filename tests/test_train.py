@@ -144,7 +144,7 @@ def test_two_process_run_evaluates_exports_and_logs(fmnist_shards, tmp_path):
         else:
             yield path, tree
 
-    for metric in ("linear_probe", "knn"):
+    for metric in ("linear_probe", "knn_k20"):
         for path, value in leaves(summary[metric], metric):
             assert rows[path] == f"{value:.4f}", (path, card)
     assert "pipeline launch configs/quickstart.yaml" in card and "launcher.nprocs=2" in card
