@@ -1,7 +1,7 @@
 """Every method, same CPU budget, on Fashion-MNIST: pretrain, export, then kNN and linear-probe accuracy of the
 frozen exported encoder, against a randomly initialised encoder and raw pixels (same protocol).
 
-    PYTHONPATH=$PWD python benchmarks/methods_fmnist.py --steps 200 --out benchmarks/results/methods_fmnist
+    PYTHONPATH=$PWD python benchmarks/methods_fmnist.py --steps 600 --out benchmarks/results/methods_fmnist_600
 
 Needs ``apt-get install -y dataset-fashion-mnist``. Writes ``results.json`` and ``results.md`` into ``--out``
 (and, per method, the run directory under ``--out/runs``). Each method trains from its CPU preset
@@ -9,12 +9,16 @@ Needs ``apt-get install -y dataset-fashion-mnist``. Writes ``results.json`` and 
 CLIP trains on the same images with templated captions and also reports zero-shot accuracy.
 
 ``--methods a,b`` trains only those and adds their rows to an existing ``results.json`` of the same budget (a
-different budget is refused), so a new method joins the table without re-running the others.
+different budget is refused), so a new method joins the table without re-running the others; several processes
+may add rows to the same ``--out`` at once. Each row is scored against the method's own encoder at initialisation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import fcntl
 import json
 import random
 import sys
@@ -29,7 +33,7 @@ from pipeline.distributed import read_dist_env
 from pipeline.evaluation import evaluate, zero_shot_accuracy
 from pipeline.export import load_exported
 from pipeline.methods import METHODS, build_method
-from pipeline.trainer import train
+from pipeline.trainer import seed_everything, train
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 METRICS = ("linear_probe", "knn_k10", "knn_k20", "knn_k100", "knn_k200")
@@ -70,17 +74,22 @@ def main() -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = write_fmnist(out / "data", args.train_samples, args.test_samples)
+    with _locked(out):
+        shards = write_fmnist(out / "data", args.train_samples, args.test_samples)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     budget = {"steps": args.steps, "batch_size": args.batch_size, "train_samples": args.train_samples,
               "test_samples": args.test_samples}
     old = {k: results.get("setup", {}).get(k) for k in budget}
+    if results and "rows" not in results:
+        raise SystemExit(f"{results_file} is in the format before per-method random-init baselines: pick another "
+                         "--out")
     if "setup" in results and old != budget:
         raise SystemExit(f"{results_file} holds rows at another budget ({old}); a row at {budget} would not be "
                          "comparable: rerun with that budget or pick another --out")
     env, device = read_dist_env(), torch.device("cpu")
     torch.set_num_threads(1)  # one thread: the 2-core machine is shared, more threads only thrash
+    command = " ".join(["python"] + sys.argv)
     for name in args.methods.split(","):
         preset = f"configs/{name}.yaml"
         cfg = load_config(preset, [
@@ -91,13 +100,20 @@ def main() -> int:
             f"checkpoint.every_steps={args.steps}", "metrics.progress=false", "metrics.tensorboard=false",
             "eval.at_end=false", "eval.baselines=false", "train.threads=1",
         ])
+        # The random-init baseline is the method's own encoder as training starts from it (same seed as
+        # trainer.train): the architecture differs between methods (I-JEPA has no class token; MoCo v3 and MAE fix
+        # a sin-cos position embedding), and a baseline of another architecture says nothing about this one.
+        seed_everything(cfg.run.seed)
+        initial = copy.deepcopy(build_method(cfg).encoder)
         t0 = time.perf_counter()
         summary = train(cfg)
         minutes = (time.perf_counter() - t0) / 60
         encoder = load_exported(summary["export"])
-        scores = evaluate(cfg, encoder, env, device)
-        row = {m: scores[m]["pretrained"] for m in METRICS} | {
-            "final_loss": summary.get("final_loss"), "train_minutes": round(minutes, 2)}
+        cfg.eval.baselines = True
+        scores = evaluate(cfg, encoder, env, device, random_init=initial)
+        row = {"pretrained": {m: scores[m]["pretrained"] for m in METRICS},
+               "random_init": {m: scores[m]["random_init"] for m in METRICS},
+               "final_loss": summary.get("final_loss"), "train_minutes": round(minutes, 2)}
         if name == "clip":
             method = build_method(cfg)
             from pipeline.engines.ddp import DDPEngine
@@ -105,35 +121,47 @@ def main() -> int:
             state = DDPEngine.read_model_state(Path(summary["checkpoint"]), method)
             method.load_state_dict(state)
             row["zero_shot"] = zero_shot_accuracy(cfg, method.eval(), cfg.data.eval_test_shards, env, device)
-        results[name] = row
-        if "baselines" not in results:
-            cfg.eval.baselines = True
-            base = evaluate(cfg, encoder, env, device)
-            results["baselines"] = {k: {m: base[m][k] for m in METRICS} for k in ("random_init", "raw_pixels")}
-        results["setup"] = budget | {"command": " ".join(["python"] + sys.argv)}
-        results_file.write_text(json.dumps(results, indent=1))
+        with _locked(out):  # another process may be adding rows to the same file: merge into what is there now
+            results = json.loads(results_file.read_text()) if results_file.exists() else {"rows": {}}
+            results["rows"][name] = row
+            results["raw_pixels"], results["setup"] = {m: scores[m]["raw_pixels"] for m in METRICS}, budget
+            results["commands"] = sorted(set(results.get("commands", [])) | {command})
+            tmp = results_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(results_file)
+            write_table(results, out / "results.md")
         print(name, row, flush=True)
-    write_table(results, out / "results.md")
     return 0
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_table(results: dict, path: Path) -> None:
     s = results["setup"]
     title = (f"# Methods on Fashion-MNIST, CPU, equal budget: {s['steps']} steps x batch {s['batch_size']} "
              f"(1 process), {s['train_samples']} train / {s['test_samples']} test images")
-    lines = [title, "",
-             f"Reproduce: `PYTHONPATH=$PWD {s['command']}`", "",
-             ("| encoder | linear probe | kNN k=10 | kNN k=20 | kNN k=100 | kNN k=200 | zero-shot | final loss | "
-             "train min |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, r in results.items():
-        if name in ("setup", "baselines"):
-            continue
+    lines = [title, "", "Reproduce (each command adds its methods' rows):", "", "```",
+             *(f"PYTHONPATH=$PWD {c}" for c in results["commands"]), "```", "",
+             ("Random init is each method's own encoder before training (same seed and architecture); raw pixels "
+              "are the normalised images, flattened."), "",
+             ("| encoder | linear probe | kNN k=10 | kNN k=20 | kNN k=100 | kNN k=200 | random init: probe / kNN k=20 "
+              "| beats random init (probe / kNN k=20) | zero-shot | final loss | train min |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    yes = {True: "yes", False: "no"}
+    for name, r in results["rows"].items():
+        p, b = r["pretrained"], r["random_init"]
         zs = f"{r['zero_shot']:.3f}" if "zero_shot" in r else ""
-        lines.append(f"| {name} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) +
+        lines.append(f"| {name} | " + " | ".join(f"{p[m]:.3f}" for m in METRICS) +
+                     f" | {b['linear_probe']:.3f} / {b['knn_k20']:.3f}"
+                     f" | {yes[p['linear_probe'] > b['linear_probe']]} / {yes[p['knn_k20'] > b['knn_k20']]}"
                      f" | {zs} | {r['final_loss']:.4f} | {r['train_minutes']} |")
-    for name, r in results.get("baselines", {}).items():
-        lines.append(f"| {name} (baseline) | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |  |  |  |")
+    raw = results["raw_pixels"]
+    lines.append("| raw pixels (baseline) | " + " | ".join(f"{raw[m]:.3f}" for m in METRICS) + " |  |  |  |  |  |")
     path.write_text("\n".join(lines) + "\n")
 
 

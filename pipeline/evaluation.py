@@ -91,8 +91,13 @@ def score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarr
             **{f"knn_k{k}": acc for k, acc in knn.items()}}
 
 
-def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.device) -> dict | None:
+def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.device,
+             random_init: torch.nn.Module | None = None) -> dict | None:
     """Score the encoder and, if ``eval.baselines``, a random-init encoder and raw pixels. Collective.
+
+    The random-init encoder is ``random_init`` when given (for example the method's own encoder before training:
+    MoCo v3 and MAE fix a sin-cos position embedding, I-JEPA has no class token), else ``model`` as timm
+    initialises it.
 
     Rank 0 gets ``{metric: {encoder: accuracy}}`` for the metrics ``linear_probe`` and ``knn_k{k}`` (each k of
     ``eval.knn_k``), encoders ``pretrained`` and, with baselines, ``random_init`` and ``raw_pixels``; plus
@@ -104,8 +109,10 @@ def evaluate(cfg: Config, encoder: torch.nn.Module, env: DistEnv, device: torch.
     encoder.eval()
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"pretrained": encoder}
     if cfg.eval.baselines:
-        torch.manual_seed(cfg.run.seed + 12345)
-        fns["random_init"] = build_encoder(cfg.model).to(device).eval()
+        if random_init is None:
+            torch.manual_seed(cfg.run.seed + 12345)
+            random_init = build_encoder(cfg.model)
+        fns["random_init"] = random_init.to(device).eval()
         fns["raw_pixels"] = raw_pixels
     with torch.no_grad():
         train = extract(fns, cfg, cfg.data.eval_train_shards, env, device, cfg.eval.max_train_samples)

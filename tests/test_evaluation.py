@@ -88,3 +88,23 @@ def test_evaluate_one_process_and_two_ranks_agree(fmnist_shards):
         if isinstance(row, dict):
             for name, value in row.items():
                 assert ranks[0][metric][name] == pytest.approx(value, abs=0.01), (metric, name)
+
+
+def test_evaluate_scores_the_random_init_encoder_it_is_given(fmnist_shards):
+    """A method's own encoder before training (MoCo v3's and MAE's fixed sin-cos position embedding, I-JEPA without
+    a class token) is the fair random-init baseline; evaluate() scores the one it is given in place of timm's."""
+    import copy
+
+    from pipeline.config import load_config
+    from pipeline.evaluation import evaluate
+    from pipeline.models import build_encoder
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(fmnist_shards, Path("/tmp/unused")))
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model)
+    given = evaluate(cfg, encoder, DistEnv(), torch.device("cpu"), random_init=copy.deepcopy(encoder))
+    default = evaluate(cfg, encoder, DistEnv(), torch.device("cpu"))
+    for metric in ("linear_probe", "knn_k20"):
+        assert given[metric]["random_init"] == given[metric]["pretrained"]
+    assert default["knn_k20"]["random_init"] != default["knn_k20"]["pretrained"]
