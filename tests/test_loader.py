@@ -63,6 +63,25 @@ def test_resume_mid_epoch_continues_with_identical_batches(fmnist_shards, tmp_pa
                 assert torch.equal(va, vb)  # same pixels: augmentation is seeded per sample, not per worker
 
 
+def test_next_epoch_workers_start_before_the_epoch_ends(fmnist_shards, tmp_path):
+    """The next epoch's DataLoader (and its workers) is created while the last prefetch_factor x workers batches of
+    the current one are consumed, not after its last batch: no idle steps at every epoch boundary."""
+    cfg = _cfg(fmnist_shards, tmp_path, **{"loader.num_workers": 2, "loader.prefetch_factor": 2})
+    made = []
+
+    class Recording(TorchLoader):
+        def _epoch_loader(self, epoch, skip_batches):
+            made.append((epoch, skip_batches, self.epoch, self.batch))  # which loader, and where the run was
+            return super()._epoch_loader(epoch, skip_batches)
+
+    ld = Recording(cfg, DistEnv(), CPU, method_recipe(cfg))
+    steps = ld.steps_per_epoch
+    assert steps > 4
+    batches = list(itertools.islice(iter(ld), steps + 1))
+    assert made == [(0, 0, 0, 0), (1, 0, 0, steps - 4)]
+    assert (ld.epoch, ld.batch) == (1, 1) and len(batches) == steps + 1
+
+
 def test_two_views_differ_and_are_normalised(fmnist_shards, tmp_path):
     cfg = _cfg(fmnist_shards, tmp_path)
     batch = next(iter(TorchLoader(cfg, DistEnv(), CPU, method_recipe(cfg))))
