@@ -439,7 +439,7 @@ class TorchLoader(LoaderPosition):
         # Each epoch has DataLoader workers of its own (they are forked with the epoch's plan). The next epoch's
         # workers start while the last ``prefetch_factor x workers`` batches of this one are consumed, so they
         # have filled their first chunk and batches by the time this epoch ends: without that, every epoch began
-        # with idle steps (about 8% of throughput on an epoch of 16 batches, benchmarks/results/loader_torch.md).
+        # with idle steps (about 8% of throughput on an epoch of 16 batches, benchmarks/results/loader_torch/).
         # What they yield depends only on (epoch, batch), never on when they started, so resume stays exact.
         upcoming: Iterator[Batch] | None = None
         while True:
