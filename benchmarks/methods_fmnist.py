@@ -98,7 +98,7 @@ def main() -> int:
             f"data.eval_train_shards={shards['train']}", f"data.eval_test_shards={shards['test']}",
             f"train.steps={args.steps}", f"loader.batch_size={args.batch_size}", "optim.warmup_steps=20",
             f"checkpoint.every_steps={args.steps}", "metrics.progress=false", "metrics.tensorboard=false",
-            "eval.at_end=false", "eval.baselines=false", "train.threads=1",
+            "eval.at_end=false", "eval.baselines=true", "train.threads=1",
         ])
         # The random-init baseline is the method's own encoder as training starts from it (same seed as
         # trainer.train): the architecture differs between methods (I-JEPA has no class token; MoCo v3 and MAE fix
@@ -109,7 +109,6 @@ def main() -> int:
         summary = train(cfg)
         minutes = (time.perf_counter() - t0) / 60
         encoder = load_exported(summary["export"])
-        cfg.eval.baselines = True
         scores = evaluate(cfg, encoder, env, device, random_init=initial)
         row = {"pretrained": {m: scores[m]["pretrained"] for m in METRICS},
                "random_init": {m: scores[m]["random_init"] for m in METRICS},
