@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import fcntl
 import json
 import random
@@ -104,7 +103,7 @@ def main() -> int:
         # trainer.train): the architecture differs between methods (I-JEPA has no class token; MoCo v3 and MAE fix
         # a sin-cos position embedding), and a baseline of another architecture says nothing about this one.
         seed_everything(cfg.run.seed)
-        initial = copy.deepcopy(build_method(cfg).encoder)
+        initial = build_method(cfg).encoder
         t0 = time.perf_counter()
         summary = train(cfg)
         minutes = (time.perf_counter() - t0) / 60
