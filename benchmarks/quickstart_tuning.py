@@ -79,7 +79,8 @@ def score_checkpoints(cfg, name: str, seed: int, overrides: list[str], eval_at: 
             results["baselines"]["fit_on"] = scores["num_train"]
             results["baselines"]["scored_on"] = scores["num_test"]
             m = cfg.model  # random init depends on the encoder: say which one it was
-            results["baselines"]["random_init_encoder"] = (f"{name}: {m.name}, depth {m.depth}, width {m.embed_dim}, "
+            results["baselines"]["random_init_variant"] = name
+            results["baselines"]["random_init_encoder"] = (f"{m.name}, depth {m.depth}, width {m.embed_dim}, "
                                                           f"patch {m.patch_size}, pool {m.global_pool}")
         print(key, {m: round(row[m], 4) for m in METRICS}, flush=True)
         save(out / "results.json", results)  # each point as it is scored: a long run stopped early keeps its curve
@@ -137,9 +138,9 @@ def write_table(results: dict, path: Path) -> None:
         for name in ("raw_pixels", "random_init"):
             lines.append(f"| **{name}** |  |  |  |  | " + " | ".join(f"{b[name][m] * 100:.1f}" for m in METRICS) +
                          " |  |  |")
-        encoder = b.get("random_init_encoder", "the first variant scored")
+        variant = b.get("random_init_variant", "the first variant scored")
         lines += ["", (f"Fitted on {b['fit_on']} train images, scored on {b['scored_on']} test images. Random init is "
-                       f"the untrained encoder of {encoder}.")]
+                       f"the untrained encoder of {variant}: {b.get('random_init_encoder', '?')}.")]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -160,7 +161,7 @@ def plot(results: dict, variants: list[str], path: Path) -> None:
         if b:
             ax.axhline(b["raw_pixels"][metric] * 100, color="k", ls="--", label="raw pixels")
             ax.axhline(b["random_init"][metric] * 100, color="gray", ls=":",
-                       label=f"random init ({b.get('random_init_encoder', 'first variant').split(':')[0]})")
+                       label=f"random init ({b.get('random_init_variant', 'first variant')})")
         ax.set_xlabel("training steps (global batch 256)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title)
